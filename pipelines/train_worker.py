@@ -1,0 +1,197 @@
+"""The Ray Train worker loop for ELF (runs on every rank; importable by workers, not a test module).
+
+Each rank builds the frozen encoder and the network (same init seed everywhere), wraps it in DDP
+when there are several ranks, restores the latest checkpoint if Ray hands one over (or the driver
+names one), and takes steps on its shard of the global batch in the resumable order of
+:mod:`elf_core.batching`. Rank 0 logs metrics to MLflow and prints progress with an ETA; every rank
+calls ``ray.train.report`` the same number of times (it is a barrier), rank 0 attaching checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+
+from elf_core.batching import DataPosition, ShardedBatchOrder
+from elf_core.checkpoint import load_checkpoint, save_checkpoint
+from elf_core.config import ExperimentConfig, from_yaml_text
+from elf_core.collate import Collator
+from elf_core.data import build_dataset
+from elf_core.encoder import FrozenEncoder
+from elf_core.network import ELFNetwork, count_parameters
+from elf_core.trainer import ELFTrainer
+from pipelines.probe import QualityProbe
+from pipelines.progress import Progress
+
+
+def total_steps(cfg: ExperimentConfig, steps_per_epoch: int) -> int:
+    """Run length in optimizer steps: ``train.max_steps`` if set, else ``epochs × steps/epoch``."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+
+
+PROBE_ROWS = 32
+
+
+def training_rows(cfg: ExperimentConfig, tokenizer, progress: bool = False):
+    """``(train rows, probe rows)``: the tokenised dataset (cached on disk after the first build) and
+    a fixed held-out slice for the quality probe — from ``data.eval_source`` when set, else the last
+    rows of the training set, which are then excluded from training."""
+    train = build_dataset(cfg.data, tokenizer, progress=progress)
+    if cfg.data.eval_source:
+        held = build_dataset(cfg.data, tokenizer, source=cfg.data.eval_source, split=cfg.data.eval_split,
+                             progress=progress)
+        return train, held.select(range(min(PROBE_ROWS, len(held))))
+    n_probe = min(PROBE_ROWS, len(train) // 20)
+    return train.select(range(len(train) - n_probe)), train.select(range(len(train) - n_probe, len(train)))
+
+
+def _inject_failure(spec: Optional[str], step: int, rank: int, marker_dir: str) -> None:
+    """Test hook: ``"exception@K"`` or ``"exit@K"`` makes rank 1 (or 0 alone) fail once at step K."""
+    if not spec:
+        return
+    mode, at = spec.split("@")
+    world = ray.train.get_context().get_world_size()
+    if step != int(at) or rank != min(1, world - 1):
+        return
+    marker = Path(marker_dir) / f"failed-{mode}-{at}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(time.time()))
+    if mode == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at step {step} (test hook)")
+
+
+def _report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
+    """A barrier on every rank; rank 0 attaches the checkpoint directory."""
+    if ckpt_dir is not None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+    else:
+        ray.train.report(metrics)
+
+
+def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``train_loop_per_worker`` for :class:`ray.train.torch.TorchTrainer`."""
+    cfg = from_yaml_text(loop_cfg["config_yaml"], origin="train config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cfg.ray.cpus_per_worker))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    encoder = FrozenEncoder.from_config(cfg.encoder, device)
+    rows, probe_rows = training_rows(cfg, encoder.tokenizer)
+    collate = Collator.from_config(cfg.data, encoder.eos_id, encoder.pad_id)
+    order = ShardedBatchOrder(len(rows), cfg.train.global_batch_size, cfg.train.seed, rank, world)
+    n_steps = total_steps(cfg, order.steps_per_epoch)
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    net = ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size)
+    wrap = None
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
+            m, device_ids=ids, gradient_as_bucket_view=True)
+    if cfg.train.compile:
+        inner_wrap = wrap
+        wrap = lambda m: (inner_wrap or (lambda x: x))(torch.compile(m))  # noqa: E731
+    trainer = ELFTrainer(cfg, net, encoder, device=device, steps_per_epoch=order.steps_per_epoch,
+                         rank=rank, world_size=world, wrap=wrap)
+
+    position = DataPosition()
+    resumed_from = None
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None or loop_cfg.get("resume_from"):
+        with (ray_ckpt.as_directory() if ray_ckpt is not None else _nullpath(loop_cfg["resume_from"])) as d:
+            loaded = load_checkpoint(d, model=trainer.net, optimizer=trainer.optimizer,
+                                     scheduler=trainer.scheduler, generators=trainer.generators(),
+                                     map_location=device)
+            if loaded.ema_state is not None:
+                trainer.ema.load_state_dict(loaded.ema_state)
+            trainer.step_count = loaded.step
+            position = DataPosition(**loaded.data_position) if loaded.data_position else DataPosition()
+            resumed_from = str(d)
+
+    logger = None
+    probe = None
+    if rank == 0:
+        from pipelines.tracking import MetricsLogger
+        logger = MetricsLogger(loop_cfg["run_id"], loop_cfg["tracking_uri"])
+        probe = QualityProbe(cfg, encoder, probe_rows, collate, device)
+        print(f"[elf] rank 0/{world} on {device}: {count_parameters(net):,} params, {len(rows):,} rows, "
+              f"{order.steps_per_epoch} steps/epoch, {n_steps} steps"
+              + (f", resumed at step {trainer.step_count} from {resumed_from}" if resumed_from else ""), flush=True)
+        if trainer.step_count == 0:
+            logger.log(probe.measure(trainer.net, tag="start"), step=0)
+            logger.flush()
+
+    progress = Progress(total=n_steps, start=trainer.step_count) if rank == 0 else None
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.max_length
+    last: dict[str, float] = {}
+    batches = order.iterate(position)
+    while trainer.step_count < n_steps:
+        pos, local_rows = next(batches)
+        _inject_failure(loop_cfg.get("inject_failure"), trainer.step_count, rank, loop_cfg.get("marker_dir", "."))
+        metrics = trainer.step(collate([rows[i] for i in local_rows]))
+        step = trainer.step_count
+        position = order.advance(pos)
+        metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
+        metrics["epoch"] = pos.epoch + pos.step_in_epoch / order.steps_per_epoch
+        last = metrics
+        if rank == 0:
+            if step % cfg.train.log_every == 0 or step == n_steps or step == 1:
+                logger.log(metrics, step=step)
+                print(progress.line(step, metrics), flush=True)
+        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == n_steps
+        if is_ckpt:
+            ckpt_dir = None
+            if rank == 0:
+                ckpt_dir = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
+                save_checkpoint(ckpt_dir, model=trainer.net, config=cfg, ema_state=trainer.ema.state_dict(),
+                                optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
+                                epoch=position.epoch, data_position=position.as_dict(),
+                                generators=trainer.generators())
+                logger.flush()
+            _report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
+            if ckpt_dir is not None:
+                shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
+
+    result: dict[str, Any] = {"rank": rank, "steps": trainer.step_count, "last": last}
+    if rank == 0:
+        end = probe.measure(trainer.net, tag="end")
+        logger.log(end, step=trainer.step_count)
+        logger.close()
+        result.update(probe_end=end, samples=probe.samples(trainer.net, cfg.tracking.log_samples))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+class _nullpath:
+    """``with _nullpath(p) as d`` yields ``p`` (mirrors ``Checkpoint.as_directory``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> str:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        return None
