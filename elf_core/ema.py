@@ -39,6 +39,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def ema_is_warm(step: int, decay: float) -> bool:
+    """Whether an EMA started from the initial weights has averaged over enough steps to be used
+    for sampling: ``step ≥ 1 / (1 − decay)`` (10,000 steps at 0.9999). Short runs sample with the
+    raw weights instead (spec §3: "sampling uses EMA; short runs need raw weights")."""
+    return decay < 1.0 and step >= 1.0 / (1.0 - decay)
+
+
 class EMA:
     """fp32 shadow parameters with a constant decay."""
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from elf_core.config import ExperimentConfig, learning_rate
 from elf_core.ema import EMA
+from elf_core.flops import ModelFlops, step_flops
 from elf_core.flow import StepNoise, encode_for_step, flow_loss
 from elf_core.network import ELFNetwork
 from elf_core.optim import build_optimizer
@@ -27,12 +28,21 @@ from elf_core.schedule import build_lr_scheduler, resolve_warmup_steps
 _WEIGHTED = (("ce", "decode_tokens"), ("decode_acc", "decode_tokens"), ("l2", "denoise_tokens"))
 
 
+def noise_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A distinct 63-bit seed per (run seed, rank, optimizer step, micro-batch): a counter-based RNG."""
+    h = seed
+    for part in (rank, step, micro):
+        h = (h * 0x9E3779B97F4A7C15 + part + 1) % (1 << 63)
+    return h
+
+
 class ELFTrainer:
     """Holds everything a rank needs to take training steps and to be checkpointed/resumed."""
 
     def __init__(self, cfg: ExperimentConfig, net: ELFNetwork, encoder: nn.Module, *, device: torch.device,
                  steps_per_epoch: int, rank: int = 0, world_size: int = 1,
-                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None):
+                 wrap: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 model_flops: Optional[ModelFlops] = None):
         self.cfg = cfg
         self.device = device
         self.net = net.to(device)
@@ -43,15 +53,19 @@ class ELFTrainer:
         self.warmup_steps = resolve_warmup_steps(cfg.optim, steps_per_epoch)
         self.scheduler = build_lr_scheduler(self.optimizer, self.warmup_steps)
         self.ema = EMA(self.net, cfg.optim.ema_decay)
-        # The flow's noise stream: seed + rank like the official port, but an explicit generator.
-        self.noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + rank)
+        # The flow's noise: an explicit generator, re-seeded from (seed, rank, step, micro-batch) before
+        # every micro-batch (see noise_seed) — resuming needs no RNG state and is exact on every rank.
+        self.noise_gen = torch.Generator(device=device)
+        self.rank = rank
         self.step_count = 0
         self.world_size = world_size
+        self.model_flops = model_flops  # when given, each step reports the FLOPs it executed
 
     # ------------------------------------------------------------------------------------------
     def generators(self) -> dict[str, torch.Generator]:
-        """Named RNG streams to save in checkpoints so a resumed run continues the same draws."""
-        return {"noise": self.noise_gen}
+        """Named RNG streams whose state checkpoints must carry: none — every draw of a step is a pure
+        function of (seed, rank, step), so a resumed run (on any rank) draws what the original would."""
+        return {}
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch."""
@@ -64,8 +78,10 @@ class ELFTrainer:
             raise ValueError(f"local batch of {rows} rows is not divisible by train.grad_accum_steps={accum}")
         size = rows // accum
         sums: dict[str, torch.Tensor] = {}
+        self._executed_flops = 0.0
         for i in range(accum):
             micro = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+            self.noise_gen.manual_seed(noise_seed(self.cfg.train.seed, self.rank, self.step_count, i))
             last = i == accum - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
@@ -84,12 +100,18 @@ class ELFTrainer:
         metrics["grad_norm"] = float(grad_norm)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["step_time_s"] = time.perf_counter() - t0
+        if self.model_flops is not None:
+            metrics["flops"] = self._executed_flops  # this rank's share
         return metrics
 
     def _micro_step(self, batch: dict[str, torch.Tensor]):
         ids = batch["input_ids"]
         shape = (ids.shape[0], ids.shape[1], self.net.latent_dim)
         noise = StepNoise.draw(shape, self.cfg.flow, self.noise_gen, self.device)
+        if self.model_flops is not None:  # rows each pass runs on (see flow_loss)
+            dec = noise.decode
+            self._executed_flops += step_flops(self.model_flops, shape[0], int((~dec).sum()),
+                                               int((~dec & noise.sc).sum()), int(dec.sum()))
         x0 = encode_for_step(self.encoder, batch, noise)
         return flow_loss(self.model, x0, ids, batch["cond_mask"], batch["loss_mask"], noise, self.cfg.flow,
                          bf16=self.cfg.train.bf16)

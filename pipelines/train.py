@@ -150,24 +150,42 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
                 version = tracking.log_checkpoint_model(
                     run_id, Path(d), registered, client, alias="last",
                     files=["model.safetensors", "ema.safetensors", "config.yaml", "meta.json"])
-        samples = summary.get("samples", [])
-        client.log_text(run_id, "".join(json.dumps({"id": i, "generated": s}) + "\n" for i, s in enumerate(samples)),
-                        "samples/final.jsonl")
+        samples, samples_start = summary.get("samples", []), summary.get("samples_start", [])
+        log_samples(client, run_id, samples, samples_start)
 
     end = summary.get("probe_end", {})
     print("\n" + "=" * 80)
     print(f"[elf] done in {(time.time() - t_start) / 60:.1f} min: {summary.get('steps')} steps; "
           f"MLflow run {run_id} (experiment '{cfg.tracking.experiment}')")
-    for k in ("probe_end/loss", "probe_end/clean_decode_acc"):
-        if k in end:
-            print(f"      {k} = {end[k]:.4f}")
+    logged = client.get_run(run_id).data.metrics  # probe_start/* was logged at step 0 of this run
+    for key in ("loss", "clean_decode_acc"):
+        before, after = logged.get(f"probe_start/{key}"), end.get(f"probe_end/{key}")
+        if after is not None:
+            print(f"      held-out {key}: {before if before is not None else float('nan'):.4f} at step 0 "
+                  f"-> {after:.4f} at step {summary.get('steps')}")
     if version is not None:
         print(f"      model: models:/{registered}/{version} (alias @last)")
-    print("[elf] samples:")
+    if samples_start:
+        print("[elf] samples at step 0:")
+        for i, text in enumerate(samples_start[:3]):
+            print(f"  [{i}] {text[:200]!r}")
+    print(f"[elf] samples at step {summary.get('steps')} ({summary.get('samples_weights', 'raw')} weights):")
     for i, text in enumerate(samples[:5]):
         print(f"  [{i}] {text[:300]!r}")
     print(f"[elf] see it in MLflow:\n{tracking.ui_command(uri, exp_id, run_id)}")
     return 0
+
+
+def log_samples(client, run_id: str, samples: list[str], samples_start: list[str]) -> None:
+    """Samples as JSONL artifacts (the official ``{"id", "generated"}`` format) and as a table in the UI."""
+    for name, texts in (("final", samples), ("start", samples_start)):
+        if texts:
+            client.log_text(run_id, "".join(json.dumps({"id": i, "generated": t}) + "\n" for i, t in enumerate(texts)),
+                            f"samples/{name}.jsonl")
+    if samples:
+        rows = {"id": list(range(len(samples))), "at_end": samples,
+                "at_start": (samples_start + [""] * len(samples))[:len(samples)]}
+        client.log_table(run_id, data=rows, artifact_file="samples/table.json")
 
 
 def fit(cfg, *, run_id: str, uri: str, use_gpu: bool, resume_from: str | None, inject_failure: str | None,

