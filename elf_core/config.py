@@ -273,6 +273,8 @@ def resolve(cfg: ExperimentConfig, origin: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{origin}: model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ConfigError(f"{origin}: head_dim {m.hidden_size // m.num_heads} must be even for RoPE")
+    # `ray.use_gpu=true` on a command line arrives as a YAML boolean, stringified to "True".
+    cfg.ray.use_gpu = str(cfg.ray.use_gpu).lower()
     flat = to_flat_dict(cfg)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:

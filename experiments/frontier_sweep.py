@@ -19,15 +19,17 @@ Local state lives in ``<out>/<name>/``: ``sweep.json`` (the parent run id; what 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # `python experiments/frontier_sweep.py` from a checkout
@@ -39,10 +41,11 @@ from pipelines.frontier import (  # noqa: E402
     pareto_mask, plot_frontier, read_checkpoint_config, rule_text, set_trial_budget, settings_label,
     tag_model_version, tune_param_space, write_rows_csv,
 )
+from pipelines.train import runs_root  # noqa: E402  (checkout, $ELF_LAB_ROOT, or ~/elf-lab under `ray job submit`)
 
 SWEEPS_DIR = PROJECT_ROOT / "experiments" / "sweeps"
 DEFAULT_SPACES = {"unconditional": SWEEPS_DIR / "uncond_paper.yaml", "conditional": SWEEPS_DIR / "cond_paper.yaml"}
-DEFAULT_OUT = PROJECT_ROOT / "outputs" / "sweeps"
+DEFAULT_OUT = Path("outputs") / "sweeps"  # relative: under pipelines.train.runs_root()
 LEDGER = "sweep.json"
 RESULT_COLS = ("trial_id", "status", "label", *SETTING_KEYS)
 
@@ -70,9 +73,15 @@ def _slug(text: str) -> str:
 
 
 def default_name(checkpoint: str, space: SweepSpace, search: str) -> str:
-    ck = checkpoint.removeprefix("models:/").removeprefix("runs:/")
-    ck = Path(ck).name if "://" not in checkpoint and Path(checkpoint).exists() else ck
-    return _slug(f"{ck}--{space.name}" + ("" if search == "grid" else f"-{search}"))
+    return _slug(f"{series_label(checkpoint)}--{space.name}" + ("" if search == "grid" else f"-{search}"))
+
+
+def series_label(checkpoint: str) -> str:
+    """A short legend name: ``elf-x/3`` for ``models:/elf-x/3``; ``run/checkpoint_…`` for a directory."""
+    if checkpoint.startswith(("models:/", "runs:/")):
+        return checkpoint.split(":/", 1)[1].strip("/")
+    p = Path(checkpoint).expanduser().resolve()
+    return f"{p.parent.name}/{p.name}" if p.name.startswith("checkpoint") else p.name
 
 
 def _threshold(min_entropy: str | float | None, space: SweepSpace, seq_len: int | None) -> float | None:
@@ -171,7 +180,7 @@ def run_sweep(
 
     if search not in ("grid", "random", "optuna"):
         raise SweepError(f"--search must be grid, random or optuna, got {search!r}")
-    uri = tracking.resolve_tracking_uri(tracking_uri, PROJECT_ROOT)
+    uri = tracking.resolve_tracking_uri(tracking_uri, runs_root())
     tracking.check_tracking_reachable(uri)
     client = tracking.make_client(uri)
     ck_cfg = read_checkpoint_config(checkpoint, uri)
@@ -189,7 +198,8 @@ def run_sweep(
     threshold = _threshold(min_entropy, space, ck_cfg.data.max_length if ck_cfg is not None else None)
     fixed = {**space.fixed, **(overrides or {})}
     name = name or default_name(checkpoint, space, search)
-    out_dir = Path(out_root).resolve() / name
+    out_root = Path(out_root).expanduser()
+    out_dir = (out_root if out_root.is_absolute() else runs_root() / out_root).resolve() / name
     ledger_path, tune_dir = out_dir / LEDGER, out_dir / "tune"
     exists = ledger_path.is_file()
     if resume is True and not exists:
@@ -203,7 +213,8 @@ def run_sweep(
     # --- parent run: created once, re-attached on resume (its id is in the ledger) ---------------
     if resuming:
         ledger = json.loads(ledger_path.read_text())
-        for key, now in (("checkpoint", checkpoint), ("space", space.path), ("search", search), ("tracking_uri", uri)):
+        for key, now in (("checkpoint", checkpoint), ("space", str(Path(space.path).resolve())), ("search", search),
+                         ("tracking_uri", uri)):
             if ledger.get(key) != now:
                 raise SweepError(f"--resume {name!r}: {key} was {ledger.get(key)!r}, now {now!r}; "
                                  "resume with the same settings or pass --name for a new sweep")
@@ -224,13 +235,12 @@ def run_sweep(
         client.log_text(parent, Path(space.path).read_text(), f"frontier/space-{Path(space.path).name}")
         out_dir.mkdir(parents=True, exist_ok=True)
         ledger_path.write_text(json.dumps({"parent_run_id": parent, "experiment_id": exp_id, "checkpoint": checkpoint,
-                                           "space": space.path, "search": search, "tracking_uri": uri,
+                                           "space": str(Path(space.path).resolve()), "search": search, "tracking_uri": uri,
                                            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
     print(f"[sweep] {name}: parent MLflow run {parent} in '{experiment}' ({uri})"
           + (" — resuming" if resuming else ""), flush=True)
 
     status, error = "FAILED", None
-    t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
         session = init_ray(address)
@@ -260,13 +270,14 @@ def run_sweep(
                                        resume_errored=False, restart_errored=retry_failed)
         else:
             tuner = tune.Tuner(trainable, param_space=tune_param_space(space, search),
-                               tune_config=_tune_config(space, search, n, concurrency, seed),
+                               tune_config=_tune_config(space, search, n, concurrency, seed, fixed),
                                run_config=tune.RunConfig(
                                    name="tune", storage_path=str(out_dir), verbose=verbose,
                                    callbacks=[make_sweep_callback(uri, exp_id, parent)],
                                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)))
         t_fit, t_fit_epoch = time.perf_counter(), time.time()
-        tuner.fit()
+        with _sigterm_as_tune_interrupt():
+            tuner.fit()
         wall = time.perf_counter() - t_fit
         close_orphan_children(client, exp_id, parent)
         rows = collect_rows(client, exp_id, parent, space)
@@ -294,14 +305,29 @@ def run_sweep(
             tracking.finish_run(parent, status, client)
 
 
-def _tune_config(space: SweepSpace, search: str, n: int, concurrency: int, seed: int) -> Any:
+@contextlib.contextmanager
+def _sigterm_as_tune_interrupt() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, schedulers) during ``fit`` becomes Tune's own graceful interrupt
+    (SIGUSR1, like Ctrl-C): the experiment state is saved and the sweep ends KILLED, resumable."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tune_config(space: SweepSpace, search: str, n: int, concurrency: int, seed: int, fixed: dict[str, Any]) -> Any:
     from ray import tune
 
     def trial_name(trial: Any) -> str:
-        return f"{trial.trial_id} {settings_label(trial.config, space.task == 'conditional')}"
+        return f"{trial.trial_id} {settings_label({**fixed, **trial.config}, space.task == 'conditional')}"
 
-    common = dict(num_samples=n, max_concurrent_trials=concurrency, reuse_actors=True,
-                  trial_name_creator=trial_name, trial_dirname_creator=lambda t: t.trial_id)
+    # reuse_actors: a worker process keeps its EvalSession (model + evaluator) across trials.
+    common = dict(num_samples=n, reuse_actors=True, trial_name_creator=trial_name,
+                  trial_dirname_creator=lambda t: t.trial_id)
     if search == "optuna":
         try:
             import optuna
@@ -311,10 +337,12 @@ def _tune_config(space: SweepSpace, search: str, n: int, concurrency: int, seed:
         o0, o1 = space.objectives
         alg = OptunaSearch(metric=[o0.metric, o1.metric], mode=[o0.mode, o1.mode],
                            sampler=optuna.samplers.NSGAIISampler(seed=seed))
-        return tune.TuneConfig(search_alg=alg, **common)
+        return tune.TuneConfig(search_alg=alg, max_concurrent_trials=concurrency, **common)
     from ray.tune.search import BasicVariantGenerator
 
-    return tune.TuneConfig(search_alg=BasicVariantGenerator(random_state=seed), **common)
+    # Tune ignores max_concurrent_trials for a BasicVariantGenerator instance: it limits itself.
+    alg = BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+    return tune.TuneConfig(search_alg=alg, **common)
 
 
 def _publish(client: Any, parent: str, exp_id: str, name: str, out_dir: Path, space: SweepSpace,
@@ -333,8 +361,8 @@ def _publish(client: Any, parent: str, exp_id: str, name: str, out_dir: Path, sp
              f"{sum(r['status'] == 'FINISHED' for r in rows)} trials"
              + ("" if best is None else f"; best {best['label']}"))
     ref = dict(space.reference) if space.reference else None
-    files["plot"] = plot_frontier([FrontierSeries(Path(checkpoint).name if "://" not in checkpoint else checkpoint, rows)],
-                                  out_dir / "frontier.png", space.objectives, reference=ref, title=title,
+    files["plot"] = plot_frontier([FrontierSeries(series_label(checkpoint), rows)], out_dir / "frontier.png",
+                                  space.objectives, reference=ref, title=title, threshold=threshold,
                                   conditional=space.task == "conditional")
     # Trials run by this invocation: the ones that finished after fit() began (t_fit: epoch seconds).
     mine = [r for r in rows if r["status"] == "FINISHED" and float(r.get("finished_at_s", 0)) >= t_fit]
@@ -389,9 +417,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this --name")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: run failed trials again")
     p.add_argument("--name", default=None, help="sweep name (default: <checkpoint>--<space>[-<search>])")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where sweeps keep state and files")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where sweeps keep state and files (relative: "
+                   "under the checkout, $ELF_LAB_ROOT, or ~/elf-lab for `ray job submit` uploads)")
     p.add_argument("--experiment", default="elf/frontier", help="MLflow experiment (default elf/frontier)")
-    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else <root>/mlruns/mlflow.db")
     p.add_argument("--evaluator", default="gpt2-large", help="Gen PPL model (offline here: smollm2)")
     p.add_argument("--evaluator-dtype", default="float32")
     p.add_argument("--min-entropy", default=None, help="'best' = lowest Gen PPL among Pareto points with entropy "
@@ -425,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, tracking.TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, runs_root())
     print(f"[sweep] see it in MLflow:\n{tracking.ui_command(uri, out.experiment_id, out.parent_run_id)}")
     return 0 if out.status == "FINISHED" else 3
 

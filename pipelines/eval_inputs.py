@@ -51,8 +51,9 @@ def sampler_settings(s: SampleConfig) -> dict[str, str]:
 
 
 def run_name(s: SampleConfig, conditional: bool) -> str:
-    """The official output/run name (pt:utils/generation_utils.py:133-138), e.g.
-    ``sde-steps32-cfg1.0-sccfg3.0-ts_logit_normal-gamma1.5-uncond``."""
+    """The official output/run naming scheme (pt:utils/generation_utils.py:133-138), numbers always
+    printed as floats (the official prints them as typed in its YAML: ``cfg1``/``sccfg3`` from ints),
+    e.g. ``sde-steps32-cfg1.0-sccfg3.0-ts_logit_normal-gamma1.5-uncond``."""
     sc = f"-sccfg{float(s.sc_cfg)}" if s.sc_cfg != 1.0 else ""
     gamma = f"-gamma{float(s.gamma)}" if s.sampler == "sde" else ""
     return f"{s.sampler}-steps{s.steps}-cfg{float(s.cfg)}{sc}-ts_{s.grid}{gamma}-{'cond' if conditional else 'uncond'}"
@@ -224,7 +225,8 @@ def load_reference_pairs(spec: str, *, split: str = "validation", input_field: s
     path = Path(resolved).expanduser()
     if path.is_file() and path.name.endswith(".jsonl"):
         rows = _read_jsonl(path)
-        targets = [_string_field(path, ln, o, (target_field, "target")) for ln, o in rows]
+        # "output": the key the official eval reads from .jsonl pairs (pt:eval.py:110-113)
+        targets = [_string_field(path, ln, o, (target_field, "target", "output")) for ln, o in rows]
         inputs = [_string_field(path, ln, o, (input_field, "input")) if need_inputs else "" for ln, o in rows]
         ids = [o["condition_input_ids"] for _, o in rows] if all("condition_input_ids" in o for _, o in rows) else None
         return ReferencePairs(inputs, targets, str(path.resolve()), ids)

@@ -29,26 +29,26 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-from elf_core.checkpoint import (CONFIG_FILE, EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE,  # noqa: E402
+from elf_core.checkpoint import (CONFIG_FILE, EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE,
                                  CheckpointError, build_network, latest_checkpoint, load_checkpoint)
-from elf_core.collate import Collator  # noqa: E402
-from elf_core.config import ExperimentConfig, SampleConfig, from_yaml_text, load_config  # noqa: E402
-from elf_core.ema import ema_is_warm  # noqa: E402
-from elf_core.encoder import FrozenEncoder  # noqa: E402
-from elf_core.evaluator import Evaluator, load_evaluator  # noqa: E402
-from elf_core.metrics import conditional_metrics, drop_empty  # noqa: E402
-from elf_core.sampling import generate  # noqa: E402
-from pipelines.eval_inputs import (EvalError, ReferencePairs, load_reference_pairs,  # noqa: E402
+from elf_core.collate import Collator
+from elf_core.config import ExperimentConfig, SampleConfig, from_yaml_text, load_config
+from elf_core.ema import ema_is_warm
+from elf_core.encoder import FrozenEncoder
+from elf_core.evaluator import Evaluator, load_evaluator
+from elf_core.metrics import conditional_metrics, drop_empty
+from elf_core.sampling import generate
+from pipelines.eval_inputs import (EvalError, ReferencePairs, load_reference_pairs,
                                    sampler_settings)
-from pipelines.progress import Progress  # noqa: E402
+from pipelines.progress import Progress
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 TASKS = ("unconditional", "translation", "summarization")
 # Paper experiments that give an official checkpoint its data / flow / sampling settings, per task.
@@ -102,9 +102,11 @@ def _choose_ema(use_ema: Optional[bool], has_ema: bool, step: int, decay: float,
 
 def load_elf_lab_dir(path: Path, use_ema: Optional[bool]) -> LoadedModel:
     """An ELF Lab checkpoint directory, with or without ``state.pt`` (MLflow copies have none)."""
+    run_id = None
     if (path / STATE_FILE).is_file():
         ck = load_checkpoint(path)
         cfg, step, net, ema = ck.config, ck.step, ck.model, ck.ema_state
+        run_id = ck.extra.get("mlflow_run_id")  # set by trainers that record their run in the checkpoint
     else:
         from safetensors.torch import load_file
 
@@ -127,7 +129,8 @@ def load_elf_lab_dir(path: Path, use_ema: Optional[bool]) -> LoadedModel:
     if take_ema:
         net.load_state_dict({**net.state_dict(), **ema}, strict=True)
     return LoadedModel(net=net.eval(), config=cfg, step=step, kind="elf-lab", path=str(path),
-                       weights="ema" if take_ema else "raw")
+                       weights="ema" if take_ema else "raw", training_run_id=run_id,
+                       training_run_source="checkpoint state extra['mlflow_run_id']" if run_id else "")
 
 
 def load_official(spec: str, task: Optional[str], use_ema: Optional[bool]) -> LoadedModel:
@@ -210,7 +213,7 @@ def find_training_run(cfg: ExperimentConfig, created: Optional[str], tracking_ur
 def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Optional[bool] = None,
                        tracking_uri: Optional[str] = None) -> LoadedModel:
     """Load any checkpoint form listed in the module docstring."""
-    from pipelines.tracking import resolve_tracking_uri
+    from pipelines.tracking import quick_http_env, resolve_tracking_uri
 
     spec = str(spec).strip()
     if spec.startswith(("models:/", "runs:/")):
@@ -228,6 +231,9 @@ def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Option
         loaded.training_run_source = "model version run_id" if version else "runs:/ URI"
         return loaded
     path = Path(spec).expanduser()
+    head = Path(spec.split("/")[0]).expanduser()
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or (head.is_dir() and spec.count("/") >= 1)):
+        raise CheckpointError(f"checkpoint not found: {path}")  # a local path, not a hub id: don't try the hub
     if path.is_dir() and (path / META_FILE).is_file():
         loaded = load_elf_lab_dir(path, use_ema)
     elif path.is_dir() and latest_checkpoint(path) is not None:
@@ -236,10 +242,13 @@ def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Option
         if path.is_dir() and (path / MODEL_FILE).is_file():
             raise CheckpointError(f"{path}: has {MODEL_FILE} but no {META_FILE} (incomplete ELF Lab checkpoint?)")
         return load_official(spec, task, use_ema)
+    if loaded.training_run_id:
+        return loaded
     uri = resolve_tracking_uri(tracking_uri, PROJECT_ROOT)
     meta = json.loads((Path(loaded.path) / META_FILE).read_text())
     try:
-        loaded.training_run_id = find_training_run(loaded.config, meta.get("created"), uri)
+        with quick_http_env(5.0):  # a dead server must not stall the evaluation for minutes of retries
+            loaded.training_run_id = find_training_run(loaded.config, meta.get("created"), uri)
     except Exception as e:  # a broken/unreachable store must not stop an evaluation; say so
         print(f"[eval] warning: could not look up the training run in {uri}: {e}", file=sys.stderr)
     if loaded.training_run_id:
@@ -365,6 +374,9 @@ class EvalSession:
         seed = int(seed if seed is not None else sample_cfg.seed)
         if n < 1:
             raise EvalError(f"num_samples must be >= 1, got {n}")
+        if self.task == "unconditional" and sample_cfg.cfg != 1.0:
+            raise EvalError(f"sample.cfg={sample_cfg.cfg}: conditional CFG needs a condition; unconditional "
+                            "sampling uses cfg 1 (the official hard-codes it, pt:generation.py:116)")
         cfg, enc = self.config, self.encoder
         gen = torch.Generator(device=self.device).manual_seed(seed)
         bf16 = bool(cfg.train.bf16 and self.device.type == "cuda")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -264,8 +265,17 @@ class TrialContext:
     session_factory: Callable[..., Any] | None = None
 
     def session_key(self) -> tuple:
+        f = self.session_factory
+        # By name, not id(): a factory pickled by value is a new object in every trial's copy of ctx.
+        fkey = None if f is None else (
+            (_qualname(f.func), tuple(sorted((k, repr(v)) for k, v in f.keywords.items())))
+            if isinstance(f, functools.partial) else _qualname(f))
         return (self.checkpoint, self.evaluator, self.evaluator_dtype, self.task, self.references,
-                self.use_ema, self.device, self.tracking_uri, id(self.session_factory) if self.session_factory else None)
+                self.use_ema, self.device, self.tracking_uri, fkey)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
 _SESSIONS: dict[tuple, Any] = {}
@@ -288,6 +298,15 @@ def cached_session(ctx: TrialContext) -> tuple[Any, float, bool]:
                           tracking_uri=ctx.tracking_uri)
         _SESSIONS[key] = session
         return session, time.perf_counter() - t0, False
+
+
+def _set_tags(client: Any, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set string tags in ``log_batch`` calls of at most 100 (MLflow's limit), values cut to 5000 chars."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(str(k), str(v)[:5000]) for k, v in tags.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, tags=items[i:i + 100])
 
 
 def _q(value: str) -> str:
@@ -328,7 +347,7 @@ def frontier_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         run_id = previous.info.run_id
         client.update_run(run_id, status="RUNNING")
         tags["elf.resume_count"] = str(int(previous.data.tags.get("elf.resume_count", "0")) + 1)
-        tracking._log_tags(client, run_id, tags)
+        _set_tags(client, run_id, tags)
     else:
         run_id = client.create_run(ctx.experiment_id, run_name=settings_label(settings, ctx.conditional),
                                    tags=tags).info.run_id
@@ -355,7 +374,7 @@ def frontier_trial(config: dict[str, Any], ctx: TrialContext) -> None:
         logger.close()
         prov = {f"elf.eval.{k}": v for k, v in (result.provenance or {}).items()}
         prov["elf.worker_pid"] = str(os.getpid())
-        tracking._log_tags(client, run_id, {k: tracking._stringify(v, tracking.MAX_TAG_VALUE_LEN) for k, v in prov.items()})
+        _set_tags(client, run_id, prov)
         if ctx.log_samples and result.samples:
             import json
 
@@ -365,7 +384,7 @@ def frontier_trial(config: dict[str, Any], ctx: TrialContext) -> None:
     except BaseException as e:
         status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
         try:
-            client.set_tag(run_id, "elf.error", tracking._stringify(f"{type(e).__name__}: {e}", 5000))
+            client.set_tag(run_id, "elf.error", f"{type(e).__name__}: {e}"[:5000])
         finally:
             client.set_terminated(run_id, status)
         raise
@@ -528,10 +547,12 @@ def _same_settings(row: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
 
 def plot_frontier(series: Sequence[FrontierSeries], out: str | Path, objectives: Sequence[Objective], *,
                   reference: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
-                  title: str = "", conditional: bool = False, annotate: bool = True) -> Path:
+                  title: str = "", conditional: bool = False, annotate: bool = True,
+                  threshold: float | None = None) -> Path:
     """PNG: first objective (y; log scale for perplexities spanning > 10×) against the second (x).
     Every finished trial is a faint dot, Pareto points are joined and labelled with their settings,
-    the trial run at the reference's settings is ringed, the published value is a star."""
+    the trial run at the reference's settings is ringed, the published value is a star, the
+    constraint on the second objective a dashed line and each series' best point a diamond."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -553,10 +574,18 @@ def plot_frontier(series: Sequence[FrontierSeries], out: str | Path, objectives:
         if front:
             fx, fy = [float(r[o1.metric]) for r in front], [float(r[o0.metric]) for r in front]
             ax.plot(fx, fy, "-o", color=color, ms=7, lw=1.5, label=f"{s.label}: Pareto ({len(front)})")
-            if annotate:
+            if annotate:  # one label per distinct point: identical results (e.g. a collapsed model) stack
+                groups: dict[tuple[float, float], list[dict[str, Any]]] = {}
                 for x, y, r in zip(fx, fy, front):
-                    ax.annotate(settings_label(r, conditional), (x, y), textcoords="offset points", xytext=(5, 4),
-                                fontsize=7, color=color)
+                    groups.setdefault((round(x, 6), round(y, 6)), []).append(r)
+                for (x, y), rs in groups.items():
+                    more = f" (+{len(rs) - 1} same)" if len(rs) > 1 else ""
+                    ax.annotate(settings_label(rs[0], conditional) + more, (x, y), textcoords="offset points",
+                                xytext=(5, 4), fontsize=7, color=color)
+        best = best_point(ok, objectives, threshold) if any(r.get("pareto") for r in ok) else None
+        if best is not None:
+            ax.scatter([float(best[o1.metric])], [float(best[o0.metric])], marker="D", s=90, color=color,
+                       edgecolors="black", zorder=4, label=f"{s.label}: best {settings_label(best, conditional)}")
         for ref in refs:
             at = [r for r in ok if ref.get("settings") and _same_settings(r, ref["settings"])]
             if at:
@@ -569,6 +598,9 @@ def plot_frontier(series: Sequence[FrontierSeries], out: str | Path, objectives:
             ax.scatter([float(m[o1.metric])], [float(m[o0.metric])], marker="*", s=260, color="black",
                        zorder=5, label=ref.get("label", "paper"))
             ys_all.append(float(m[o0.metric]))
+    if threshold is not None:
+        ax.axvline(threshold, ls="--", color="grey", lw=1,
+                   label=f"{o1.metric} {'>=' if o1.mode == 'max' else '<='} {threshold:.3g} (constraint for best)")
     if ys_all and o0.mode == "min" and min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10:
         ax.set_yscale("log")
     ax.set_xlabel(f"{o1.metric} ({'higher' if o1.mode == 'max' else 'lower'} is better)")

@@ -18,7 +18,12 @@ What counts as shared:
   classify, or a "cluster" whose nodes all run on one machine (the local multi-node test).
 
 Entry points: :func:`check_storage_for_cluster` (pure given its inputs; raises
-:class:`StorageNotShared`) and :func:`nodes_for_run` (how many nodes a run spans, from Ray's state).
+:class:`StorageNotShared`) and :func:`nodes_for_run` (how many nodes a run spans, from Ray's state;
+the counting itself is :func:`count_nodes_for_run`). The driver calls both once Ray is connected:
+
+    report = check_storage_for_cluster(cfg.ray.storage_path,
+                                       nodes_for_run(num_workers, cpus_per_worker, gpus_per_worker),
+                                       tracking_uri=resolved_uri)
 """
 
 from __future__ import annotations
@@ -108,14 +113,11 @@ def read_mounts(mounts_file: str | Path = "/proc/mounts") -> list[Mount]:
 
 
 def mount_of(path: str | Path, mounts: list[Mount]) -> Mount | None:
-    """The mount that holds ``path``: the longest mount point that is a prefix of its real path.
-    The path need not exist yet (its nearest existing ancestor decides); the last matching line
+    """The mount that holds ``path``: the longest mount point that is a prefix of its real path
+    (symlinks of the existing part resolved; the path need not exist yet). The last matching line
     wins, as later mounts over the same point hide earlier ones."""
     p = Path(path).expanduser()
-    p = p if p.is_absolute() else Path.cwd() / p
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    real = os.path.realpath(p)
+    real = os.path.realpath(p if p.is_absolute() else Path.cwd() / p)
     best: Mount | None = None
     for m in mounts:
         mp = m.mount_point.rstrip("/") or "/"
@@ -163,16 +165,18 @@ def _storage_verdict(storage_path: str, mounts: list[Mount]) -> tuple[str, Mount
         return "local", None, "no mount in /proc/mounts holds it"
     if is_shared_fs_type(mount.fs_type):
         return "shared filesystem", mount, ""
-    return "local", mount, f"it is on a '{mount.fs_type}' filesystem mounted at {mount.mount_point}"
+    return "local", mount, f"'{mount.fs_type}' filesystem mounted at {mount.mount_point}"
 
 
 def _tracking_verdict(uri: str) -> tuple[str, str]:
     """("remote" | "local", why-local) for a resolved MLflow tracking URI."""
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.lower()
+    if uri.split(":", 1)[0].lower() in ("databricks", "databricks-uc"):  # "databricks", "databricks://profile"
+        return "remote", ""
     if scheme == "sqlite":
-        return "local", ("a SQLite file is written by the node it lives on only (and SQLite locking "
-                         "over network filesystems is unreliable)")
+        return "local", ("a SQLite file lives on one node's disk, and SQLite locking over network "
+                         "filesystems is unreliable")
     if scheme in ("", "file"):
         return "local", "a file store is local to one node (and MLflow 3 refuses file stores)"
     if _is_loopback(parsed.hostname):
@@ -233,8 +237,8 @@ def check_storage_for_cluster(
             else:
                 problems.append(
                     f"{tracking_key}='{tracking_uri}' cannot be written from other nodes ({why_t}). Run an "
-                    "MLflow tracking server every node can reach (cluster/README.md: 'MLflow server') and set "
-                    "MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.uri=...)"
+                    "MLflow tracking server every node can reach (cluster/README.md, 'The MLflow tracking "
+                    "server') and set MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.uri=...)"
                 )
     if problems:
         raise StorageNotShared(
@@ -250,29 +254,33 @@ def check_storage_for_cluster(
 
 
 def nodes_for_run(num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> int:
-    """How many Ray nodes a run of these workers may span, for :func:`check_storage_for_cluster`.
-
-    The number of alive nodes; at least 2 when the driver's own node can never host all workers
-    (an autoscaling cluster that starts with a bare head adds worker nodes later) or when the driver
-    connects through Ray Client (``ray://``: the driver's disk is not the cluster's).
-    """
+    """How many Ray nodes a run of these workers may span, for :func:`check_storage_for_cluster`,
+    from the connected cluster's state (see :func:`count_nodes_for_run`)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive", False)]
-    count = len(nodes)
+    client = False
     try:
         from ray.util.client import ray as client_ray
 
-        if client_ray.is_connected():
-            return max(count, 2)
+        client = client_ray.is_connected()
     except ImportError:  # pragma: no cover - ray without client support
         pass
-    here = ray.get_runtime_context().get_node_id()
-    res = next((n.get("Resources", {}) for n in nodes if n.get("NodeID") == here), {})
+    return count_nodes_for_run(ray.nodes(), ray.get_runtime_context().get_node_id(), num_workers,
+                               cpus_per_worker, gpus_per_worker, ray_client=client)
+
+
+def count_nodes_for_run(nodes: list[Mapping], driver_node_id: str | None, num_workers: int,
+                        cpus_per_worker: float, gpus_per_worker: float, *, ray_client: bool = False) -> int:
+    """The number of alive ``nodes`` (``ray.nodes()`` entries); at least 2 when the driver's own node
+    can never host all workers (an autoscaling cluster that starts with a bare head adds worker nodes
+    later) or when the driver connects through Ray Client (``ray://``: its disk is not the cluster's)."""
+    alive = [n for n in nodes if n.get("Alive", False)]
+    count = max(len(alive), 1)
+    if ray_client:
+        return max(count, 2)
+    res = next((n.get("Resources", {}) for n in alive if n.get("NodeID") == driver_node_id), {})
     fits_here = min(
         res.get("CPU", 0.0) // cpus_per_worker if cpus_per_worker > 0 else float("inf"),
         res.get("GPU", 0.0) // gpus_per_worker if gpus_per_worker > 0 else float("inf"),
     )
-    if fits_here < num_workers:
-        count = max(count, 2)
-    return max(count, 1)
+    return max(count, 2) if fits_here < num_workers else count

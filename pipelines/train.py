@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,13 +50,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def runs_root() -> Path:
+    """Where relative paths of a config (outputs, checkpoints, data cache, the default MLflow store)
+    live: ``$ELF_LAB_ROOT`` if set, else this checkout — except when this file runs from a
+    ``ray job submit --working-dir`` upload, a temporary copy Ray deletes: then ``~/elf-lab``."""
+    if os.environ.get("ELF_LAB_ROOT"):
+        return Path(os.environ["ELF_LAB_ROOT"]).expanduser().resolve()
+    if "working_dir_files" in PROJECT_ROOT.parts or "runtime_resources" in PROJECT_ROOT.parts:
+        return Path.home() / "elf-lab"
+    return PROJECT_ROOT
+
+
 def absolutise(cfg) -> None:
-    """Relative paths in the config are relative to the project root (Ray workers run elsewhere)."""
+    """Make relative paths absolute under :func:`runs_root` (Ray workers run in other directories)."""
+    root = runs_root()
     for section, key in (("data", "cache_dir"), ("train", "output_dir"), ("ray", "storage_path")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
         if value and "://" not in value and not Path(value).expanduser().is_absolute():
-            setattr(obj, key, str(PROJECT_ROOT / value))
+            setattr(obj, key, str(root / value))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,17 +98,17 @@ class UserFacingError(RuntimeError):
 def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
     import torch
 
-    from elf_core.checkpoint import latest_checkpoint
     from elf_core.config import to_flat_dict, to_yaml
     from elf_core.data_sources import DataError
     from elf_core.encoder import EncoderError, load_tokenizer
     from pipelines import tracking
     from pipelines.ray_env import ClusterTooSmall, check_cluster_fits, init_ray
+    from pipelines.storage import StorageNotShared, check_storage_for_cluster, nodes_for_run
     from pipelines.train_worker import total_steps, training_rows
 
     t_start = time.time()
     # 1. MLflow reachable? (before anything slow)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri, runs_root())
     try:
         tracking.check_tracking_reachable(uri)
     except tracking.TrackingUnavailable as e:
@@ -123,6 +136,14 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
                            hint="lower ray.num_workers / ray.cpus_per_worker or add nodes")
     except ClusterTooSmall as e:
         raise UserFacingError(str(e)) from None
+    try:  # multi-node runs need storage and an MLflow store every node can reach
+        storage_report = check_storage_for_cluster(
+            cfg.ray.storage_path,
+            nodes_for_run(cfg.ray.num_workers, cfg.ray.cpus_per_worker, 1.0 if use_gpu else 0.0),
+            tracking_uri=uri)
+    except StorageNotShared as e:
+        raise UserFacingError(str(e)) from None
+    print(f"[elf] storage: {storage_report.summary()}", flush=True)
 
     # 4. MLflow run (resumed when a run of this name is unfinished).
     client = tracking.make_client(uri)
@@ -133,8 +154,8 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
 
     resume_from = None
     if not fresh and "://" not in cfg.ray.storage_path:
-        found = latest_checkpoint(Path(cfg.ray.storage_path) / cfg.name)
-        resume_from = str(found) if found else None
+        found = run_checkpoints(Path(cfg.ray.storage_path), cfg.name)
+        resume_from = str(found[-1][1]) if found else None
     if resume_from:
         print(f"[elf] resuming from {resume_from}", flush=True)
 
@@ -176,6 +197,15 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
     return 0
 
 
+def run_checkpoints(storage: Path, name: str) -> list[tuple[int, Path]]:
+    """Complete checkpoints of run ``name`` over all its attempts, ascending by step."""
+    from elf_core.checkpoint import list_checkpoints
+
+    root = Path(storage) / name
+    found = [c for attempt in sorted(root.glob("attempt-*")) for c in list_checkpoints(attempt)]
+    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
+
+
 def log_samples(client, run_id: str, samples: list[str], samples_start: list[str]) -> None:
     """Samples as JSONL artifacts (the official ``{"id", "generated"}`` format) and as a table in the UI."""
     for name, texts in (("final", samples), ("start", samples_start)):
@@ -197,7 +227,11 @@ def fit(cfg, *, run_id: str, uri: str, use_gpu: bool, resume_from: str | None, i
     from elf_core.config import to_yaml
     from pipelines.train_worker import train_loop
 
-    storage = cfg.ray.storage_path
+    # Each submission is its own Ray Train run ("attempt") under <storage>/<name>/: Ray's retries
+    # inside an attempt resume from its checkpoints; a new submission resumes from the newest
+    # complete checkpoint of any attempt (``resume_from``), found by ELF Lab rather than by Ray,
+    # whose restore-by-name can point at checkpoints an interrupted run already rotated away.
+    storage = cfg.ray.storage_path.rstrip("/") + "/" + cfg.name
     loop_cfg = {"config_yaml": to_yaml(cfg), "run_id": run_id, "tracking_uri": uri,
                 "resume_from": resume_from, "inject_failure": inject_failure,
                 "marker_dir": str(Path(cfg.train.output_dir) / cfg.name / "failure-markers")}
@@ -210,7 +244,7 @@ def fit(cfg, *, run_id: str, uri: str, use_gpu: bool, resume_from: str | None, i
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=cfg.name if not fresh else f"{cfg.name}-{int(time.time())}",
+            name=time.strftime("attempt-%Y%m%d-%H%M%S"),
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),

@@ -122,11 +122,12 @@ def _restore(trainer: ELFTrainer, directory: str, device: torch.device) -> DataP
     return DataPosition(**loaded.data_position) if loaded.data_position else DataPosition()
 
 
-def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataPosition) -> Path:
+def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataPosition, run_id: str) -> Path:
     d = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
     save_checkpoint(d, model=trainer.net, config=cfg, ema_state=trainer.ema.state_dict(),
                     optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
-                    epoch=position.epoch, data_position=position.as_dict(), generators=trainer.generators())
+                    epoch=position.epoch, data_position=position.as_dict(), generators=trainer.generators(),
+                    extra={"mlflow_run_id": run_id})
     return d
 
 
@@ -147,10 +148,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
     n_steps = total_steps(cfg, order.steps_per_epoch)
     position, resumed_from = DataPosition(), None
     ray_ckpt = ray.train.get_checkpoint()
-    if ray_ckpt is not None:  # a Ray retry after a failure, or Ray restoring a run of the same name
+    if ray_ckpt is not None:  # Ray retrying this attempt after a worker failure
         with ray_ckpt.as_directory() as d:
             position, resumed_from = _restore(trainer, d, device), "Ray checkpoint"
-    elif loop_cfg.get("resume_from"):  # the driver found this run's newest checkpoint on storage
+    elif loop_cfg.get("resume_from"):  # a new submission: the newest checkpoint of an earlier attempt
         position, resumed_from = _restore(trainer, loop_cfg["resume_from"], device), loop_cfg["resume_from"]
 
     logger = probe = progress = None
@@ -188,7 +189,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
             if step % cfg.train.checkpoint_every == 0 or step == n_steps:
                 ckpt_dir = None
                 if rank == 0:
-                    ckpt_dir = _save(trainer, cfg, step, position)
+                    ckpt_dir = _save(trainer, cfg, step, position, loop_cfg["run_id"])
                     logger.flush()
                 _report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
                 if ckpt_dir is not None:

@@ -234,13 +234,17 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
 
 
 def _committed_step(run_dir: Path) -> int | None:
-    """The step of the newest checkpoint Ray Train's controller has committed (its snapshot file)."""
-    snap = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
-    except (OSError, ValueError):
-        return None
-    return int(latest["metrics"]["step"]) if latest else None
+    """The step of the newest checkpoint Ray Train's controller has committed: its snapshot file,
+    one per Ray Train run (the driver names them ``<storage>/<name>/attempt-*``; any depth here)."""
+    steps = []
+    for snap in run_dir.glob("**/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):
+            continue  # being written
+        if latest:
+            steps.append(int(latest["metrics"]["step"]))
+    return max(steps) if steps else None
 
 
 def test_two_node_cluster_is_on_loopback(two_nodes: TwoNodeCluster) -> None:
@@ -251,8 +255,9 @@ def test_two_node_cluster_is_on_loopback(two_nodes: TwoNodeCluster) -> None:
     assert nodes[two_nodes.head.node_id]["resources_total"]["head_node"] == 1
     assert nodes[two_nodes.worker.node_id]["resources_total"]["worker_node"] == 1
     assert {n["resources_total"]["CPU"] for n in nodes.values()} == {float(CPUS_PER_NODE)}
-    for node in two_nodes.nodes:
-        tree = [psutil.Process(node.proc.pid), *psutil.Process(node.proc.pid).children(recursive=True)]
+    for node in (two_nodes.head, two_nodes.worker):  # the live ones (a start may have been retried)
+        root = psutil.Process(node.proc.pid)
+        tree = [root, *root.children(recursive=True)]
         for p in tree:
             try:
                 conns = p.net_connections(kind="inet")
@@ -263,6 +268,14 @@ def test_two_node_cluster_is_on_loopback(two_nodes: TwoNodeCluster) -> None:
                     ip = ipaddress.ip_address(c.raddr.ip)
                     ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.2 -> 127.0.0.2
                     assert ip.is_loopback, f"{node.name} pid {p.pid} talks to {c.raddr}"
+    # pipelines.storage.nodes_for_run, from a driver on the head, counts both alive nodes.
+    code = ("import ray, json; ray.init(address='%s'); from pipelines.storage import nodes_for_run; "
+            "print(json.dumps([nodes_for_run(2, 2, 0), nodes_for_run(1, 1, 0), nodes_for_run(1, 1, 1)]))"
+            % two_nodes.address)
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=_node_env(two_nodes.address),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, 2, 2]
 
 
 def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, mlflow_server: str,
@@ -276,7 +289,8 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     env.update(MLFLOW_TRACKING_URI=mlflow_server, ELF_SHARED_STORAGE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "pipelines/train.py", "--config", "experiments/local_default.yaml", f"name={name}",
            f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CKPT_EVERY}", f"train.log_every={CKPT_EVERY}",
-           "ray.num_workers=2", f"ray.cpus_per_worker={CPUS_PER_NODE}", "ray.max_failures=2",
+           "train.global_batch_size=8", "ray.num_workers=2", f"ray.cpus_per_worker={CPUS_PER_NODE}",
+           "ray.max_failures=2",
            "tracking.log_samples=0", f"tracking.experiment={experiment}",
            f"ray.storage_path={shared / 'ray'}", f"train.output_dir={shared / 'out'}"]
     log = tmp_path / "driver.log"
@@ -317,6 +331,8 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     assert resumed[-1] % CKPT_EVERY == 0 and at_kill <= resumed[-1] < MAX_STEPS
     assert _committed_step(run_dir) == MAX_STEPS
     assert re.search(rf"done in .*: {MAX_STEPS} steps", text), text[-3000:]
+    if "check_storage_for_cluster" in (PROJECT_ROOT / "pipelines" / "train.py").read_text():
+        assert "[elf] storage: 2 node(s); checkpoints: local (opted in)" in text
 
     # The restarted group again spans both nodes, the new worker node included.
     later = [a for a in two_nodes.train_workers() if a["actor_id"] not in {f["actor_id"] for f in first}]
@@ -337,3 +353,25 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     )
     print(f"\n[multinode] cluster up {two_nodes.startup_s:.1f} s; driver to kill {t_kill - t0:.1f} s "
           f"(committed step {at_kill}); kill to finish {t_end - t_kill:.1f} s; resumed at {resumed}")
+
+
+def test_multinode_run_refuses_node_local_storage(two_nodes: TwoNodeCluster, tmp_path: Path) -> None:
+    """Without the opt-in, a 2-node run with a local checkpoint dir and a SQLite store stops before
+    any worker starts, naming both settings."""
+    if "check_storage_for_cluster" not in (PROJECT_ROOT / "pipelines" / "train.py").read_text():
+        pytest.skip("pipelines/train.py does not call pipelines.storage.check_storage_for_cluster yet")
+    env = _node_env(two_nodes.address)
+    env.pop("ELF_SHARED_STORAGE", None)
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "pipelines/train.py", "--config", "experiments/local_default.yaml", "name=refused",
+           "train.max_steps=2", "ray.num_workers=2", f"ray.cpus_per_worker={CPUS_PER_NODE}",
+           f"ray.storage_path={tmp_path / 'ray'}", f"train.output_dir={tmp_path / 'out'}",
+           f"tracking.uri=sqlite:///{db}"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "ray.storage_path=" in proc.stderr and "node-local" in proc.stderr, proc.stderr[-3000:]
+    assert "sqlite:///" in proc.stderr and "ELF_SHARED_STORAGE=1" in proc.stderr, proc.stderr[-3000:]
+    assert not two_nodes.train_workers(alive_only=True)
+    assert not (tmp_path / "ray" / "refused").exists()
+    print(f"\n[multinode] refused in {time.monotonic() - t0:.1f} s")

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from elf_core.checkpoint import list_checkpoints
 from elf_core.config import load_config
 from pipelines import train
 
@@ -91,7 +90,7 @@ def test_two_workers_learn_and_everything_lands_in_mlflow(shared, reference):
     mv = client.get_model_version_by_alias("elf-reference", "last")
     assert mv.run_id == reference
     # checkpoints: kept 3 at most (train.keep_checkpoints default), the newest at the last step
-    ckpts = list_checkpoints(tmp / "reference" / "ray" / "reference")
+    ckpts = train.run_checkpoints(tmp / "reference" / "ray", "reference")
     assert ckpts[-1][0] == STEPS
 
 
