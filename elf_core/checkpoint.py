@@ -469,7 +469,8 @@ def load_checkpoint(
 
 # ----------------------------------------------------------------------------------------------
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints directly under ``root`` as ``(step, path)``, ascending by step.
+    """Complete checkpoints under ``root`` as ``(step, path)``, ascending by step: directly under it,
+    or one level down (a training run's storage holds ``<name>/attempt-*/checkpoint_*``).
 
     Hidden directories (temp / old / being-deleted) and directories without ``meta.json`` are not
     checkpoints and are skipped; a ``meta.json`` that does not parse is an error, not a skip, so a
@@ -480,10 +481,15 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in base.iterdir():
-        if child.name.startswith(".") or not child.is_dir() or not (child / META_FILE).is_file():
+        if child.name.startswith(".") or not child.is_dir():
             continue
-        found.append((_read_meta(child / META_FILE)["step"], child))
-    return sorted(found, key=lambda sp: (sp[0], sp[1].name))
+        if (child / META_FILE).is_file():
+            found.append((_read_meta(child / META_FILE)["step"], child))
+            continue
+        for grandchild in child.iterdir():
+            if not grandchild.name.startswith(".") and (grandchild / META_FILE).is_file():
+                found.append((_read_meta(grandchild / META_FILE)["step"], grandchild))
+    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:

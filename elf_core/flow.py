@@ -140,7 +140,6 @@ def flow_loss(net, x0: torch.Tensor, input_ids: torch.Tensor, cond: torch.Tensor
     ``all_rows=True`` reproduces the official port's compute pattern (every pass on every row); the
     default skips rows whose results are masked out, which leaves the loss unchanged.
     """
-    B = x0.shape[0]
     te = cfg.t_eps
     drop_cond = noise.drop.view(-1, 1) & cond  # (B, S)
     z = noise_latents(x0, noise.eps, noise.t, cfg.noise_scale, cond)

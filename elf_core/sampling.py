@@ -19,7 +19,6 @@ network's x-prediction is turned into a velocity by :func:`elf_core.flow.x_to_v`
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Callable, Iterator, Optional
 
 import torch

@@ -36,11 +36,12 @@ if str(PROJECT_ROOT) not in sys.path:  # `python experiments/frontier_sweep.py` 
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from pipelines.frontier import (  # noqa: E402
-    SETTING_KEYS, FrontierSeries, SweepError, SweepSpace, TrialContext, auto_min_entropy, best_point,
+    SETTING_KEYS, SweepError, SweepSpace, TrialContext, auto_min_entropy, best_point,
     child_runs, close_orphan_children, constraint_tag_key, frontier_trial, load_space, make_sweep_callback,
-    pareto_mask, plot_frontier, read_checkpoint_config, rule_text, set_trial_budget, settings_label,
-    tag_model_version, tune_param_space, write_rows_csv,
+    pareto_mask, read_checkpoint_config, rule_text, set_trial_budget, settings_label,
+    tag_model_version, tune_param_space,
 )
+from pipelines.frontier_plot import FrontierSeries, plot_frontier, write_rows_csv  # noqa: E402
 from pipelines.train import runs_root  # noqa: E402  (checkout, $ELF_LAB_ROOT, or ~/elf-lab under `ray job submit`)
 
 SWEEPS_DIR = PROJECT_ROOT / "experiments" / "sweeps"
@@ -381,7 +382,7 @@ def _publish(client: Any, parent: str, exp_id: str, name: str, out_dir: Path, sp
         metrics.update({f"best_{o0.metric}": float(best[o0.metric]), f"best_{o1.metric}": float(best[o1.metric])})
     with tracking.MetricsLogger(parent, client) as logger:
         logger.log(metrics, step=0)
-    tags = {f"frontier.rule": rule, "frontier.sweep_run_id": parent, "frontier.evaluator": evaluator}
+    tags = {"frontier.rule": rule, "frontier.sweep_run_id": parent, "frontier.evaluator": evaluator}
     if best is None:
         tags["frontier.best"] = f"none: no Pareto point meets the constraint ({rule})"
     else:

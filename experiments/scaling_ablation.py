@@ -36,8 +36,8 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from experiments.frontier_sweep import SWEEPS_DIR, collect_rows, run_sweep  # noqa: E402
-from pipelines.frontier import (FrontierSeries, SweepError, load_space, plot_frontier,  # noqa: E402
-                                write_rows_csv)
+from pipelines.frontier import SweepError, load_space  # noqa: E402
+from pipelines.frontier_plot import FrontierSeries, plot_frontier, write_rows_csv  # noqa: E402
 from pipelines.train import runs_root  # noqa: E402
 
 EXPERIMENTS = PROJECT_ROOT / "experiments"

@@ -96,8 +96,6 @@ class UserFacingError(RuntimeError):
 
 
 def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
-    import torch
-
     from elf_core.config import to_flat_dict, to_yaml
     from elf_core.data_sources import DataError
     from elf_core.encoder import EncoderError, load_tokenizer
@@ -201,9 +199,7 @@ def run_checkpoints(storage: Path, name: str) -> list[tuple[int, Path]]:
     """Complete checkpoints of run ``name`` over all its attempts, ascending by step."""
     from elf_core.checkpoint import list_checkpoints
 
-    root = Path(storage) / name
-    found = [c for attempt in sorted(root.glob("attempt-*")) for c in list_checkpoints(attempt)]
-    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
+    return list_checkpoints(Path(storage) / name)
 
 
 def log_samples(client, run_id: str, samples: list[str], samples_start: list[str]) -> None:

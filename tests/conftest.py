@@ -52,6 +52,18 @@ RAY_RELEASE_GRACE_S = float(os.environ.get("ELF_TEST_RAY_RELEASE_S", "20"))
 INTEGRATION_FIXTURES = {"ray_local", "mlflow_server"}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tests use tiny tensors: one intra-op thread is fastest on the shared 2-core machine (two threads
+    measured up to ~100x slower under contention) and makes CPU matmuls bit-reproducible."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test that starts Ray or an MLflow server ``integration`` (even if its author
     forgot), so ``-m "not integration"`` gives the fast unit suite."""

@@ -19,14 +19,6 @@ from elf_core.network import ELFNetwork, count_parameters
 D, V = 16, 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_config(**model) -> ExperimentConfig:
     fields = dict(preset="tiny", depth=2, hidden_size=32, num_heads=2, bottleneck_dim=8)

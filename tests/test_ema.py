@@ -10,14 +10,6 @@ import torch.nn as nn
 from elf_core.ema import EMA, unwrap_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest on the shared 2-core machine (and deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small_model() -> nn.Module:
     torch.manual_seed(0)

@@ -30,13 +30,6 @@ WMT = FIX / "wmt14_deen_val_200.jsonl"
 SC = SampleConfig(sampler="sde", steps=3, gamma=1.5, sc_cfg=3.0, batch_size=4, num_samples=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _tiny_checkpoint(path: Path, overrides: list[str], step: int = 5) -> Path:
     cfg = load_config(ROOT / "experiments" / "local_default.yaml", ["data.max_length=16", *overrides])

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.frontier import (Objective, SweepError, auto_min_entropy, best_point, constraint_tag_key,
-                                load_space, pareto_mask, plot_frontier, FrontierSeries, settings_label)
+                                load_space, pareto_mask, settings_label)
+from pipelines.frontier_plot import FrontierSeries, plot_frontier
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "experiments" / "sweeps"

@@ -6,7 +6,6 @@ is `python pipelines/train.py ...` run by Ray from an uploaded working directory
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -46,9 +45,13 @@ def head():
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
+    # Every port explicit: other Ray instances of the test session hold the defaults (the dashboard
+    # agent's 52365 above all — without its own port the head never gets an agent that accepts jobs).
     cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus", "4", "--port", str(_free_port()),
            "--dashboard-port", str(dash), "--include-dashboard", "true", "--disable-usage-stats",
-           "--temp-dir", str(tmp)]
+           "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+           "--ray-client-server-port", str(_free_port()), "--metrics-export-port", str(_free_port()),
+           "--runtime-env-agent-port", str(_free_port()), "--temp-dir", str(tmp)]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90  # the dashboard agent that accepts jobs comes up after `ray start` returns

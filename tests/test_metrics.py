@@ -22,13 +22,6 @@ VOCAB = ["<eos>", "<unk>", "<bos>", "a", "b", "c", "d", "e"]
 EOS = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def word_tokenizer(bos_template: bool = False, padding_side: str = "right"):
     """Whitespace word-level tokenizer over VOCAB; ``<eos>`` is a special token, no pad token set."""

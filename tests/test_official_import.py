@@ -23,14 +23,6 @@ from elf_core.official import infer_architecture, infer_mlp_ratio, load_official
 TINY = dict(D=32, H=64, depth=2, heads=4, V=100, bottleneck=16, tokens=(4, 4, 4), freq=256)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ----------------------------------------------------------------------------------------------
 def official_layout(D, H, depth, heads, V, bottleneck=128, F_inner=None, tokens=(4, 4, 4), freq=256,

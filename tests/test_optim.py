@@ -24,14 +24,6 @@ from elf_core.optim import (
 from elf_core.schedule import LinearWarmup, build_lr_scheduler, resolve_warmup_steps, warmup_lr_lambda
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest on the shared 2-core machine (and deterministic)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----------------------------------------------------------------------------------------------
 # Reference implementations (float64, obviously-correct transcriptions of reference §2.6)
@@ -318,7 +310,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_distributed_matches_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    # Same thread count (1, see _one_thread) as the workers: BLAS results can depend on how a
+    # Same thread count (1, see conftest._one_torch_thread) as the workers: BLAS results can depend on how a
     # matmul is split across threads.
     assert torch.get_num_threads() == 1
     single = _dist_model()

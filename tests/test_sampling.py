@@ -21,14 +21,6 @@ EOS, PAD = 1, 0
 FLOW = FlowConfig()  # p_mean −1.5, p_std 0.8, noise_scale 2.0, t_eps 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~100× faster than two on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def net() -> ELFNetwork:

@@ -8,9 +8,6 @@ must end at the same step with the same data order and the same loss curve as th
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
