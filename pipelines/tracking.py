@@ -287,11 +287,13 @@ def start_or_resume_run(
     run_name: str,
     uri: str | MlflowClient,
     tags: Mapping[str, Any] | None = None,
+    *,
+    resume: bool = True,
 ) -> str:
     """The id of the run to log to: the newest run named ``run_name`` in the experiment if it is
     not FINISHED (RUNNING after a dead driver, FAILED, KILLED — a re-submitted job continues it;
     it is set back to RUNNING and its ``elf.resume_count`` tag incremented), else a new run.
-    ``tags`` are set either way (stringified)."""
+    ``resume=False`` always starts a new run. ``tags`` are set either way (stringified)."""
     client = _client(uri)
     if "'" in run_name and '"' in run_name:
         raise ValueError(f"run name {run_name!r} cannot contain both ' and \" (MLflow filter syntax)")
@@ -305,7 +307,7 @@ def start_or_resume_run(
         max_results=1,
     )
     str_tags = {str(k): _stringify(v, MAX_TAG_VALUE_LEN) for k, v in (tags or {}).items()}
-    for run in runs:
+    for run in runs if resume else []:
         run_id = run.info.run_id
         count = int(run.data.tags.get("elf.resume_count", "0")) + 1
         client.update_run(run_id, status="RUNNING")

@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg))
         return 0
+    from pipelines.tracking import TrackingError
+
     try:
         return run(cfg, fresh=args.fresh, inject_failure=args.inject_failure)
-    except UserFacingError as e:
+    except (UserFacingError, TrackingError) as e:  # the message is the whole story
         print(f"error: {e}", file=sys.stderr)
         return 1
 
@@ -143,17 +145,18 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
         raise UserFacingError(str(e)) from None
     print(f"[elf] storage: {storage_report.summary()}", flush=True)
 
-    # 4. MLflow run (resumed when a run of this name is unfinished).
-    client = tracking.make_client(uri)
-    exp_id = tracking.ensure_experiment(cfg.tracking.experiment, client)
-    run_id = tracking.start_or_resume_run(exp_id, cfg.name, client, tracking.provenance_tags())
-    registered = cfg.tracking.registered_model or f"elf-{tracking.registered_model_name(cfg.name)}"
-    print(f"[elf] MLflow run {run_id} in experiment '{cfg.tracking.experiment}' ({uri})", flush=True)
-
+    # 4. Resume? The newest complete checkpoint of an earlier attempt of this run (unless --fresh);
+    #    the MLflow run is continued only together with a checkpoint, else a new run is opened.
     resume_from = None
     if not fresh and "://" not in cfg.ray.storage_path:
         found = run_checkpoints(Path(cfg.ray.storage_path), cfg.name)
         resume_from = str(found[-1][1]) if found else None
+    client = tracking.make_client(uri)
+    exp_id = tracking.ensure_experiment(cfg.tracking.experiment, client)
+    run_id = tracking.start_or_resume_run(exp_id, cfg.name, client, tracking.provenance_tags(),
+                                          resume=resume_from is not None)
+    registered = cfg.tracking.registered_model or f"elf-{tracking.registered_model_name(cfg.name)}"
+    print(f"[elf] MLflow run {run_id} in experiment '{cfg.tracking.experiment}' ({uri})", flush=True)
     if resume_from:
         print(f"[elf] resuming from {resume_from}", flush=True)
 

@@ -185,6 +185,8 @@ def test_resume_by_run_name(mlflow_uri):
         tr.finish_run(client.create_run(eid, run_name="job-1").info.run_id, "FINISHED", client)
     assert tr.start_or_resume_run(eid, "job-1", client) == b
     assert tr.start_or_resume_run(eid, "it's", client) != b  # quotes in names are handled
+    fresh = tr.start_or_resume_run(eid, "job-1", client, resume=False)  # nothing to resume from
+    assert fresh != b and client.get_run(b).info.status == "RUNNING"
 
 
 def test_finish_run_statuses_and_guard(mlflow_uri):
