@@ -33,6 +33,7 @@ from safetensors.torch import load_file as _st_load_file, save_file as _st_save_
 
 from elf_core.config import ConfigError, ExperimentConfig, ModelConfig, from_yaml_text, to_yaml
 from elf_core.network import ELFNetwork, count_parameters
+from elf_core.parallel import is_sharded, load_full_model_state, shard_optimizer_state
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -205,8 +206,14 @@ def save_checkpoint(
     data_position: Optional[Mapping[str, int]] = None,
     generators: Optional[Mapping[str, torch.Generator]] = None,
     extra: Optional[Mapping[str, Any]] = None,
+    model_state: Optional[Mapping[str, torch.Tensor]] = None,
+    optimizer_state: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
+
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``:
+    an FSDP2-sharded model must pass them, gathered on every rank with
+    :func:`elf_core.parallel.full_tensors` / ``full_optimizer_state`` (checkpoints are always unsharded).
 
     If ``directory`` already holds a checkpoint it is replaced (the old one stays until the new one
     is complete); a non-empty directory that is *not* a checkpoint is refused rather than deleted.
@@ -222,7 +229,10 @@ def save_checkpoint(
         diffs = architecture_diff(config.model, inner.cfg, "config", "model")
         if [d for d in diffs if not d.startswith("model.preset")]:
             raise CheckpointError(f"{target}: the config does not describe the model being saved:\n  " + "\n  ".join(diffs))
-    weights = _tensors_for_file(inner.state_dict(), f"{target}/{MODEL_FILE}")
+    if model_state is None and is_sharded(inner):
+        raise CheckpointError(f"{target}: the model is FSDP2-sharded; pass model_state= (and optimizer_state=) "
+                              "gathered with elf_core.parallel.full_tensors on every rank")
+    weights = _tensors_for_file(model_state if model_state is not None else inner.state_dict(), f"{target}/{MODEL_FILE}")
     ema = _tensors_for_file(ema_state, f"{target}/{EMA_FILE}") if ema_state is not None else None
     if ema is not None:
         stray = [k for k in ema if k not in weights]
@@ -238,7 +248,8 @@ def save_checkpoint(
         "step": int(step),
         "epoch": int(epoch),
         "data_position": position,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": (dict(optimizer_state) if optimizer_state is not None
+                      else optimizer.state_dict() if optimizer is not None else None),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": {
             "torch_cpu": torch.get_rng_state(),
@@ -325,13 +336,23 @@ class LoadedCheckpoint:
 
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        text = path.read_text()
+    except OSError as e:
         raise CheckpointError(f"{path}: cannot read checkpoint metadata: {e}") from None
+    return parse_meta(text, str(path))
+
+
+def parse_meta(text: str, origin: str) -> dict[str, Any]:
+    """The ``meta.json`` text of a checkpoint, checked (integer step, known format version);
+    ``origin`` (a path or URI) names the file in errors. Shared with remote-storage listings."""
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{origin}: cannot read checkpoint metadata: {e}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"{path}: not ELF Lab checkpoint metadata (no integer 'step')")
+        raise CheckpointError(f"{origin}: not ELF Lab checkpoint metadata (no integer 'step')")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {meta['format_version']} is newer than this "
+        raise CheckpointError(f"{origin}: format_version {meta['format_version']} is newer than this "
                               f"elf_core understands ({FORMAT_VERSION}); upgrade elf_core")
     return meta
 
@@ -424,7 +445,10 @@ def load_checkpoint(
     else:
         target = unwrap_model(model)
         check_shapes(target, weights, str(root / MODEL_FILE), _mismatch_hint(target, config, meta))
-        target.load_state_dict(weights, strict=True)
+        if is_sharded(target):  # FSDP2: keep this rank's shard of each full tensor
+            load_full_model_state(target, weights, str(root / MODEL_FILE))
+        else:
+            target.load_state_dict(weights, strict=True)
 
     ema = None
     if (root / EMA_FILE).is_file():
@@ -438,7 +462,10 @@ def load_checkpoint(
         if state.get("optimizer") is None:
             raise CheckpointError(f"{root / STATE_FILE}: holds no optimizer state, but an optimizer was passed")
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            opt_state = state["optimizer"]
+            if model is not None and is_sharded(model):
+                opt_state = shard_optimizer_state(optimizer, opt_state)
+            optimizer.load_state_dict(opt_state)
         except Exception as e:
             raise CheckpointError(f"{root / STATE_FILE}: optimizer state does not fit this optimizer: {e}") from None
     if scheduler is not None:
@@ -522,4 +549,5 @@ def rotate_checkpoints(root: str | Path, keep: int, protect: Iterable[str | Path
 __all__ = [
     "CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
     "list_checkpoints", "rotate_checkpoints", "checkpoint_path", "unwrap_model", "strip_prefixes",
+    "parse_meta",
 ]

@@ -161,7 +161,7 @@ class RayConfig:
     num_workers: int = 2
     use_gpu: str = "auto"  # auto (GPU when the cluster has one) | "true" | "false"
     cpus_per_worker: int = 1
-    strategy: str = "ddp"  # ddp
+    strategy: str = "ddp"  # ddp (full replica per worker) | fsdp2 (sharded params/grads/optimizer state; ELF-M/L)
     storage_path: str = "outputs/ray"  # local dir, NFS mount or s3://… ; relative = under the project
     max_failures: int = 2  # Ray Train restarts from the latest checkpoint this many times
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray instance
@@ -202,7 +202,7 @@ _CHOICES = {
     "sample.grid": ("logit_normal", "uniform"),
     "encoder.dtype": ("auto", "float32", "bfloat16"),
     "ray.use_gpu": ("auto", "true", "false"),
-    "ray.strategy": ("ddp",),
+    "ray.strategy": ("ddp", "fsdp2"),
 }
 
 
@@ -256,7 +256,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override '{item}': expected key=value (e.g. model.depth=2)")
             cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    return resolve(obj, origin=str(path) if path else "defaults")
+    origin = str(path) if path else "defaults"
+    if overrides:  # a bad value may come from either: name both
+        origin += " + overrides [" + " ".join(overrides) + "]"
+    return resolve(obj, origin=origin)
 
 
 def resolve(cfg: ExperimentConfig, origin: str = "config") -> ExperimentConfig:

@@ -9,7 +9,9 @@ buffers (ELFNetwork has none). The decay is constant (0.9999), no warmup of the 
 
 ``state_dict()`` is a flat ``{param name: fp32 tensor}`` (safetensors-ready); the decay comes from
 the config. Wrapped models (DDP ``.module``, ``torch.compile`` ``._orig_mod``) are unwrapped first,
-so names never carry wrapper prefixes.
+so names never carry wrapper prefixes. Under FSDP2 the shadow holds DTensor shards like the
+parameters; ``state_dict()`` returns them live (gather with :func:`elf_core.parallel.full_tensors`)
+and ``load_state_dict`` takes full tensors and keeps this rank's shard.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
+
+from elf_core.parallel import shard_like
 
 
 _DATA_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -110,4 +114,4 @@ class EMA:
             if t.shape != self.shadow[name].shape:
                 raise ValueError(f"EMA state_dict: '{name}' has shape {tuple(t.shape)}, "
                                  f"expected {tuple(self.shadow[name].shape)}")
-            self.shadow[name].copy_(t)
+            self.shadow[name].copy_(shard_like(t, self.shadow[name]))  # full -> this rank's shard under FSDP2

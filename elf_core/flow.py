@@ -126,8 +126,9 @@ def _denoise_pass(net, z: torch.Tensor, sc_half: torch.Tensor, t: torch.Tensor,
     if rows is None:
         return net(torch.cat([z, sc_half], -1), t, w)[0]
     out = torch.zeros_like(z)
-    if rows.numel():
-        out[rows] = net(torch.cat([z[rows], sc_half[rows]], -1), t[rows], w[rows])[0].to(out.dtype)
+    # Run even on zero rows: under FSDP2 each forward is a collective (parameter all-gather), so
+    # every rank must make the same calls whatever its batch holds. An empty pass costs nothing.
+    out[rows] = net(torch.cat([z[rows], sc_half[rows]], -1), t[rows], w[rows])[0].to(out.dtype)
     return out
 
 

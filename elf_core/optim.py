@@ -44,6 +44,11 @@ yet saves rank 0's state alone (pt:utils/checkpoint_utils.py:51-65), so a resume
 ``i % world`` (the official ``params[rank::world]`` split) and the owner broadcasts the new values.
 Results are bit-identical to the single-process path (same device type and thread count).
 
+**FSDP2** (parameters are DTensor shards, :mod:`elf_core.parallel`): detected from the parameters;
+momentum and Adam run on the local shards, and each Muon matrix's Nesterov blend is all-gathered,
+orthogonalised by one rank (round-robin, ``world`` matrices at a time) and broadcast, every rank
+keeping its slice. Assumes the 1-D mesh over all ranks that ``wrap_for_training`` builds.
+
 Checked once against the official port's own update code (its ``muon`` dependency stubbed): six
 steps on a tiny ELFNetwork gave bit-identical parameters.
 """
@@ -60,6 +65,7 @@ import torch.nn as nn
 
 from elf_core.config import OptimConfig
 from elf_core.ema import unwrap_model
+from elf_core.parallel import is_dtensor, shard_like
 
 MUON, ADAM = "muon", "adam"
 OUT_IN, IN_OUT = "out_in", "in_out"  # storage orientation of a 2-D weight
@@ -221,6 +227,11 @@ def _check_group(i: int, group: dict) -> None:
         raise ValueError(f"{where}: 'algo' must be '{MUON}' or '{ADAM}'")
 
 
+def _nesterov(g: torch.Tensor, m: torch.Tensor, k: int, beta: float) -> torch.Tensor:
+    """The bias-corrected Nesterov blend Muon orthogonalises: β m̂_{k+1} + (1 − β) ĝ_k."""
+    return beta * (m / (1.0 - beta ** (k + 1))) + (1.0 - beta) * (g / (1.0 - beta ** k))
+
+
 class MuonAdam(torch.optim.Optimizer):
     """Muon (groups with ``algo='muon'``) and Nesterov-Adam (``algo='adam'``) behind one ``step()``.
 
@@ -259,8 +270,7 @@ class MuonAdam(torch.optim.Optimizer):
 
     @staticmethod
     def _muon_apply(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, k: int, group: dict) -> None:
-        beta = group["momentum"]
-        u = beta * (m / (1.0 - beta ** (k + 1))) + (1.0 - beta) * (g / (1.0 - beta ** k))
+        u = _nesterov(g, m, k, group["momentum"])
         o = newton_schulz5(u, steps=int(group["ns_steps"]))
         o.mul_(muon_shape_scale(p.shape, group["layout"]))
         p.add_(o.to(p.dtype), alpha=-group["lr"])
@@ -288,7 +298,9 @@ class MuonAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         muon = [(p, g) for g in self.param_groups if g["algo"] == MUON for p in g["params"]]
-        if self.distributed:
+        if muon and is_dtensor(muon[0][0]):  # FSDP2: parameters and state are dim-0 shards
+            self._muon_sharded(muon)
+        elif self.distributed:
             self._muon_distributed(muon)
         else:
             for p, group in muon:
@@ -311,6 +323,27 @@ class MuonAdam(torch.optim.Optimizer):
             pending.append(dist.broadcast(p.data, src=owner, async_op=True))
         for work in pending:
             work.wait()
+
+    def _muon_sharded(self, muon: list[tuple[torch.Tensor, dict]]) -> None:
+        """Muon on FSDP2 DTensor parameters. Momentum is elementwise, so it stays on the local
+        shards; Newton-Schulz needs the whole matrix: the Nesterov blend ``u`` is all-gathered, one
+        rank per matrix (round-robin) orthogonalises it and broadcasts the result, and every rank
+        applies its own slice. Same update as one process (the all-gather copies exactly)."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for start in range(0, len(muon), world):  # `world` matrices at a time bounds the full copies held
+            chunk, pending = muon[start:start + world], []
+            for j, (p, group) in enumerate(chunk):
+                g, m, k = self._muon_momentum(p, group)
+                u = _nesterov(g, m, k, group["momentum"]).full_tensor()  # all-gather
+                if j == rank:
+                    o = newton_schulz5(u, steps=int(group["ns_steps"]))
+                    o.mul_(muon_shape_scale(p.shape, group["layout"]))
+                else:
+                    o = torch.empty_like(u)
+                pending.append((p, group, o, dist.broadcast(o, src=j, async_op=True)))
+            for p, group, o, work in pending:
+                work.wait()
+                p.add_(shard_like(o, p), alpha=-group["lr"])
 
 
 def build_optimizer(

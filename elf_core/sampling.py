@@ -5,12 +5,22 @@ on a grid of n steps, then the same network in decode mode turns the latents int
 numbers follow the official port (pt:utils/sampling_utils.py, pt:utils/generation_utils.py,
 pt:generation.py); the differences are in plumbing only:
 
-* every random draw (grid, initial z, SDE noise) comes from one explicit ``torch.Generator`` on the
-  model's device, in the order grid → z → per-step noise, batch after batch (the official mixes the
-  global CUDA RNG and a CPU generator depending on ``is_cuda``);
+* every random draw (grid, initial z, SDE noise) of a sampling batch comes from that batch's own
+  ``torch.Generator`` on the model's device, in the order grid → z → per-step noise (the official
+  mixes the global CUDA RNG and a CPU generator depending on ``is_cuda``);
 * an SDE step with α = 1 (γ = 0) draws no noise, so SDE γ = 0 is the ODE including the RNG stream;
 * the grid is read into Python floats once per batch, not with one ``.item()`` sync per step;
 * conditions are encoded from the condition tokens only (:func:`encode_condition`).
+
+Seeding (:func:`generate`): samples ``0 … N−1`` are cut into batches of ``sample.batch_size``; batch
+``k`` holds samples ``[k·bs, min((k+1)·bs, N))`` and draws from a fresh generator seeded with
+:func:`batch_seed` ``(seed, k)`` (a counter-based seed, like the trainer's ``noise_seed``). A batch's
+samples therefore depend on (seed, k, batch_size, N) only, never on which other batches were
+generated before it or in which process: ``generate(..., batches=[k])`` gives exactly batch k of a
+full run, which is how ``pipelines/eval_shards.py`` splits one evaluation over Ray workers and still
+returns the same samples as one process. A sample does depend on the batch size (the time grid is
+drawn once per batch and shared by its rows, as in the official, and batched matmuls may round per
+batch shape), so ``batch_size`` is part of the sampling provenance.
 
 Shapes: B batch, S sequence, D latent width; condition masks are (B, S) bool prefixes. The
 network's x-prediction is turned into a velocity by :func:`elf_core.flow.x_to_v` (the one x→v).
@@ -19,7 +29,7 @@ network's x-prediction is turned into a velocity by :func:`elf_core.flow.x_to_v`
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -288,9 +298,51 @@ def encode_condition(encode_fn: EncodeFn, input_ids: torch.Tensor, cond_mask: to
     return out
 
 
+_MASK63 = (1 << 63) - 1
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The 63-bit seed of sampling batch ``batch`` of a run seeded ``seed`` (counter-based, no state).
+
+    Two rounds of a golden-ratio multiply-add (as the trainer's ``noise_seed``) followed by a
+    SplitMix64-style xor-shift finaliser, so neighbouring (seed, batch) pairs give unrelated seeds.
+    """
+    if batch < 0:
+        raise ValueError(f"batch index must be >= 0, got {batch}")
+    h = int(seed) & _MASK63
+    for part in (0x5EED_5A3F, int(batch)):  # a fixed domain tag, then the batch index
+        h = (h * 0x9E3779B97F4A7C15 + part + 1) & _MASK63
+    h ^= h >> 31
+    h = (h * 0xBF58476D1CE4E5B9) & _MASK63
+    return h ^ (h >> 29)
+
+
+def batch_generator(seed: int, batch: int, device: torch.device | str) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with :func:`batch_seed` ``(seed, batch)``."""
+    return torch.Generator(device=device).manual_seed(batch_seed(seed, batch))
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    """How many sampling batches ``num_samples`` samples take (the last one may be short)."""
+    if batch_size <= 0:
+        raise ValueError(f"sample.batch_size must be positive, got {batch_size}")
+    return -(-int(num_samples) // int(batch_size))
+
+
+def batch_bounds(batch: int, num_samples: int, batch_size: int) -> tuple[int, int]:
+    """Sample indices ``[start, end)`` of batch ``batch``."""
+    n_b = num_batches(num_samples, batch_size)
+    if not 0 <= batch < n_b:
+        raise ValueError(f"batch {batch} is out of range: {num_samples} samples in batches of {batch_size} "
+                         f"make {n_b} batches")
+    start = batch * batch_size
+    return start, min(start + batch_size, num_samples)
+
+
 def generate(net: ELFNetwork, sample_cfg: SampleConfig, flow_cfg: FlowConfig, *, seq_len: int,
-             generator: torch.Generator, decode_fn: DecodeFn, eos_id: int, pad_id: int,
-             num_samples: Optional[int] = None, latent_dim: Optional[int] = None,
+             seed: int, decode_fn: DecodeFn, eos_id: int, pad_id: int,
+             num_samples: Optional[int] = None, batches: Optional[Sequence[int]] = None,
+             latent_dim: Optional[int] = None,
              cond_latents: Optional[torch.Tensor] = None, cond_mask: Optional[torch.Tensor] = None,
              cond_ids: Optional[torch.Tensor] = None, encode_fn: Optional[EncodeFn] = None,
              target_len: int = 64, bf16: bool = False,
@@ -303,8 +355,13 @@ def generate(net: ELFNetwork, sample_cfg: SampleConfig, flow_cfg: FlowConfig, *,
     text is the first ``target_len`` positions after the condition (official: ``max_length −
     max_input_length``, 64 for both De-En and XSum). Ids are cut at the first EOS (the rest becomes
     ``pad_id``) and handed to ``decode_fn(ids (b, L)) -> list[str]``, which must drop ``pad_id``
-    (e.g. ``tokenizer.batch_decode(ids, skip_special_tokens=True)``). ``progress(done, total)`` is
-    called after each batch.
+    (e.g. ``tokenizer.batch_decode(ids, skip_special_tokens=True)``).
+
+    Batch ``k`` (samples ``[k·bs, (k+1)·bs)``) draws from :func:`batch_generator` ``(seed, k)`` (module
+    docstring). ``batches`` (default: all, in order) selects which batches to generate; the texts of
+    those batches are returned in the order given, each exactly as in a full run. Conditions are
+    still given for all N rows: batch k reads rows ``[k·bs, (k+1)·bs)``. ``progress(done, total)``
+    is called after each batch with the samples done / to do in this call.
     """
     D = net.latent_dim
     if latent_dim is not None and latent_dim != D:
@@ -326,13 +383,14 @@ def generate(net: ELFNetwork, sample_cfg: SampleConfig, flow_cfg: FlowConfig, *,
     if num_samples is None or num_samples < 0:
         raise ValueError(f"num_samples must be a non-negative integer, got {num_samples}")
     bs = sample_cfg.batch_size
-    if bs <= 0:
-        raise ValueError(f"sample.batch_size must be positive, got {bs}")
+    n_b = num_batches(num_samples, bs)
+    todo = list(range(n_b)) if batches is None else [int(k) for k in batches]
+    bounds = [batch_bounds(k, num_samples, bs) for k in todo]  # checks every index first
+    total = sum(end - start for start, end in bounds)
 
     device = _model_device(net)
     texts: list[str] = []
-    for start in range(0, num_samples, bs):
-        end = min(start + bs, num_samples)
+    for k, (start, end) in zip(todo, bounds):
         c_lat = c_mask = None
         if conditional:
             c_mask = cond_mask[start:end].to(device)
@@ -340,12 +398,12 @@ def generate(net: ELFNetwork, sample_cfg: SampleConfig, flow_cfg: FlowConfig, *,
                 c_lat = encode_condition(encode_fn, cond_ids[start:end].to(device), c_mask, pad_id=pad_id)
             else:
                 c_lat = cond_latents[start:end]
-        z = sample_latents(net, (end - start, seq_len, D), sample_cfg, flow_cfg, generator,
+        z = sample_latents(net, (end - start, seq_len, D), sample_cfg, flow_cfg, batch_generator(seed, k, device),
                            cond_latents=c_lat, cond_mask=c_mask, bf16=bf16)
         ids = decode_latents(net, z, sample_cfg.sc_cfg, bf16=bf16)
         if conditional:
             ids = target_window(ids, c_mask, target_len, pad_id)
         texts.extend(decode_fn(cut_at_eos(ids, eos_id, pad_id).cpu()))
         if progress is not None:
-            progress(end, num_samples)
+            progress(len(texts), total)
     return texts

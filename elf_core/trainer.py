@@ -1,4 +1,4 @@
-"""One rank's training state and step: network (+ DDP/compile wrapper), optimizer, warmup, EMA, RNG.
+"""One rank's training state and step: network (+ DDP/FSDP2/compile wrapper), optimizer, warmup, EMA, RNG.
 
 ``ELFTrainer.step(batch)`` runs one optimizer step — gradient accumulation over micro-batches, the
 ELF loss (:mod:`elf_core.flow`), clipping, Muon/Adam, warmup, EMA — and returns plain-float metrics,
@@ -8,7 +8,6 @@ checkpoint reporting are the caller's business (``pipelines/``); this module is 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable, Optional
 
@@ -22,6 +21,7 @@ from elf_core.flops import ModelFlops, step_flops
 from elf_core.flow import StepNoise, encode_for_step, flow_loss
 from elf_core.network import ELFNetwork
 from elf_core.optim import build_optimizer
+from elf_core.parallel import set_gradient_sync, to_scalar
 from elf_core.schedule import build_lr_scheduler, resolve_warmup_steps
 
 # Token-weighted metrics: (name, weight key); summed as value·weight and divided after all-reduce.
@@ -82,9 +82,7 @@ class ELFTrainer:
         for i in range(accum):
             micro = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
             self.noise_gen.manual_seed(noise_seed(self.cfg.train.seed, self.rank, self.step_count, i))
-            last = i == accum - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
+            with set_gradient_sync(self.model, sync=i == accum - 1):  # reduce grads on the last only
                 out = self._micro_step(micro)
                 (out.loss / accum).backward()
             weights = dict(_WEIGHTED)
@@ -97,7 +95,7 @@ class ELFTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         metrics = self._reduce(sums, accum)
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = to_scalar(grad_norm)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["step_time_s"] = time.perf_counter() - t0
         if self.model_flops is not None:

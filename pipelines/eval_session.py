@@ -19,6 +19,11 @@ Checkpoints (``EvalSession(checkpoint=...)``):
 
 Weights: ``use_ema=None`` takes the EMA weights when the step is ≥ 1/(1 − ema_decay) (the EMA has
 forgotten its random start), else the raw weights; official checkpoints use EMA as the official eval.
+
+Sampling only: ``EvalSession(..., evaluator=None)`` loads no evaluator; :meth:`EvalSession.generate_samples`
+then produces any subset of a run's sampling batches (``batches=``), exactly as the full run would
+(per-batch seeds, :mod:`elf_core.sampling`). ``pipelines/eval_shards.py`` builds such sessions on Ray
+workers and passes itself to :meth:`EvalSession.evaluate` as ``sampler=``; scoring stays here.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -43,7 +48,7 @@ from elf_core.ema import ema_is_warm
 from elf_core.encoder import FrozenEncoder
 from elf_core.evaluator import Evaluator, load_evaluator
 from elf_core.metrics import conditional_metrics, drop_empty
-from elf_core.sampling import generate
+from elf_core.sampling import batch_bounds, generate, num_batches
 from pipelines.eval_inputs import (EvalError, ReferencePairs, load_reference_pairs,
                                    sampler_settings)
 from pipelines.progress import Progress
@@ -211,8 +216,9 @@ def find_training_run(cfg: ExperimentConfig, created: Optional[str], tracking_ur
 
 
 def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Optional[bool] = None,
-                       tracking_uri: Optional[str] = None) -> LoadedModel:
-    """Load any checkpoint form listed in the module docstring."""
+                       tracking_uri: Optional[str] = None, lookup_run: bool = True) -> LoadedModel:
+    """Load any checkpoint form listed in the module docstring. ``lookup_run=False`` skips looking
+    up the training run of a local checkpoint in MLflow (sampling workers need no parent run)."""
     from pipelines.tracking import quick_http_env, resolve_tracking_uri
 
     spec = str(spec).strip()
@@ -242,7 +248,7 @@ def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Option
         if path.is_dir() and (path / MODEL_FILE).is_file():
             raise CheckpointError(f"{path}: has {MODEL_FILE} but no {META_FILE} (incomplete ELF Lab checkpoint?)")
         return load_official(spec, task, use_ema)
-    if loaded.training_run_id:
+    if loaded.training_run_id or not lookup_run:
         return loaded
     uri = resolve_tracking_uri(tracking_uri, PROJECT_ROOT)
     meta = json.loads((Path(loaded.path) / META_FILE).read_text())
@@ -310,14 +316,19 @@ class _Reporter:
 class EvalSession:
     """Model + encoder + evaluator loaded once; :meth:`evaluate` samples and scores one sampling config."""
 
-    def __init__(self, checkpoint: str, *, evaluator: str | Evaluator = "gpt2-large", evaluator_dtype: str = "float32",
+    def __init__(self, checkpoint: str, *, evaluator: str | Evaluator | None = "gpt2-large",
+                 evaluator_dtype: str = "float32",
                  task: str | None = None, references: str | None = None, device: str | None = None,
-                 use_ema: bool | None = None, tracking_uri: str | None = None):
+                 use_ema: bool | None = None, tracking_uri: str | None = None, lookup_training_run: bool = True):
+        """``evaluator=None``: sampling only (no evaluator is loaded; unconditional :meth:`evaluate`
+        then needs a ``sampler`` and fails when scoring). ``lookup_training_run=False``: do not search
+        MLflow for the run that produced a local checkpoint (see :func:`resolve_checkpoint`)."""
         if task is not None and task not in TASKS:
             raise EvalError(f"task '{task}' is not one of {list(TASKS)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_spec = str(checkpoint)
-        self.loaded = resolve_checkpoint(self.checkpoint_spec, task=task, use_ema=use_ema, tracking_uri=tracking_uri)
+        self.loaded = resolve_checkpoint(self.checkpoint_spec, task=task, use_ema=use_ema, tracking_uri=tracking_uri,
+                                         lookup_run=lookup_training_run)
         self.config = cfg = self.loaded.config
         self.task = self._task(task)
         self.net = self.loaded.net.to(self.device).eval()
@@ -331,13 +342,23 @@ class EvalSession:
         if self.task == "unconditional":
             if references is not None:
                 raise EvalError("references are only used by the conditional tasks (translation, summarization)")
-            self.evaluator = (evaluator if isinstance(evaluator, Evaluator)
-                              else load_evaluator_or_auto(evaluator, evaluator_dtype, self.device))
+            if evaluator is not None:
+                self.load_evaluator(evaluator, evaluator_dtype)
         else:
             spec = references or cfg.data.eval_source or {"translation": "wmt14-de-en", "summarization": "xsum"}[self.task]
             self.pairs = load_reference_pairs(spec, split=cfg.data.eval_split, input_field=cfg.data.input_field,
                                               target_field=cfg.data.target_field)
-        self._git = _git_provenance()
+        self._git: Optional[dict[str, str]] = None  # read on first use (workers never need it)
+        # ((n, their inputs, their stored ids), cond_mask, condition-only ids) of the first n reference rows.
+        self._cond_rows: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None
+
+    def load_evaluator(self, evaluator: str | Evaluator, dtype: str = "float32") -> Optional[Evaluator]:
+        """Load (or set) the Gen-PPL evaluator of a session built with ``evaluator=None``; the
+        conditional tasks score with BLEU / ROUGE and need none (returns None for them)."""
+        if self.task == "unconditional":
+            self.evaluator = (evaluator if isinstance(evaluator, Evaluator)
+                              else load_evaluator_or_auto(evaluator, dtype, self.device))
+        return self.evaluator
 
     def _task(self, task: Optional[str]) -> str:
         trained = self.config.data.task
@@ -356,7 +377,10 @@ class EvalSession:
                 "checkpoint": self.checkpoint_spec, "checkpoint_kind": ld.kind, "checkpoint_step": str(ld.step),
                 "checkpoint_weights": ld.weights, "model_preset": cfg.model.preset, "encoder": cfg.encoder.name,
                 "max_length": str(cfg.data.max_length), "device": str(self.device),
-                "bf16_sampling": str(bool(cfg.train.bf16 and self.device.type == "cuda")).lower(), **self._git}
+                "bf16_sampling": str(self.bf16).lower(), "workers": "1"}
+        if self._git is None:
+            self._git = _git_provenance()
+        prov.update(self._git)
         if ld.model_version:
             prov["model_version"] = ld.model_version
         if self.evaluator is not None:
@@ -366,37 +390,75 @@ class EvalSession:
             prov.update(references=self.pairs.source, references_condition_ids=self.pairs.ids_origin(self.encoder))
         return prov
 
-    def evaluate(self, sample_cfg: SampleConfig, num_samples: int | None = None, seed: int | None = None,
-                 progress: bool = True) -> EvalResult:
-        """Generate ``num_samples`` (default ``sample_cfg.num_samples``; conditional: the first N reference
-        rows) with ``seed`` (default ``sample_cfg.seed``) and score them."""
+    @property
+    def bf16(self) -> bool:
+        """bf16 autocast while sampling: the training setting, on CUDA only."""
+        return bool(self.config.train.bf16 and self.device.type == "cuda")
+
+    def sample_count(self, sample_cfg: SampleConfig, num_samples: int | None = None) -> int:
+        """How many samples a run makes: ``num_samples`` (default ``sample_cfg.num_samples``), capped at
+        the number of reference rows for the conditional tasks. Checks the config fits the task."""
         n = int(num_samples if num_samples is not None else sample_cfg.num_samples)
-        seed = int(seed if seed is not None else sample_cfg.seed)
         if n < 1:
             raise EvalError(f"num_samples must be >= 1, got {n}")
         if self.task == "unconditional" and sample_cfg.cfg != 1.0:
             raise EvalError(f"sample.cfg={sample_cfg.cfg}: conditional CFG needs a condition; unconditional "
                             "sampling uses cfg 1 (the official hard-codes it, pt:generation.py:116)")
+        if self.pairs is not None:
+            n = min(n, len(self.pairs))
+        return n
+
+    def generate_samples(self, sample_cfg: SampleConfig, num_samples: int | None = None, seed: int | None = None, *,
+                         batches: Optional[Sequence[int]] = None,
+                         progress: Optional[Callable[[int, int], None]] = None) -> list[dict]:
+        """``[{"id", "generated"[, "input", "target"]}]`` for sampling batches ``batches`` (default: all)
+        of a run of :meth:`sample_count` samples with ``seed`` (default ``sample_cfg.seed``); ids are the
+        run's sample indices, so any split of the batches concatenates to the full run."""
+        n = self.sample_count(sample_cfg, num_samples)
+        seed = int(seed if seed is not None else sample_cfg.seed)
         cfg, enc = self.config, self.encoder
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        bf16 = bool(cfg.train.bf16 and self.device.type == "cuda")
-        t0 = time.perf_counter()
+        todo = list(range(num_batches(n, sample_cfg.batch_size))) if batches is None else [int(k) for k in batches]
+        ids = [i for k in todo for i in range(*batch_bounds(k, n, sample_cfg.batch_size))]
         if self.task == "unconditional":
-            report = _Reporter("sample", n, progress)
-            texts = generate(self.net, sample_cfg, cfg.flow, seq_len=cfg.data.max_length, generator=gen,
+            texts = generate(self.net, sample_cfg, cfg.flow, seq_len=cfg.data.max_length, seed=seed, batches=todo,
                              decode_fn=enc.decode_ids, eos_id=enc.eos_id, pad_id=enc.pad_id, num_samples=n,
-                             bf16=bf16, progress=report)
-            samples = [{"id": i, "generated": t} for i, t in enumerate(texts)]
+                             bf16=self.bf16, progress=progress)
+            return [{"id": i, "generated": t} for i, t in zip(ids, texts)]
+        hyps = self._generate_conditional(sample_cfg, n, seed, todo, progress)
+        pairs = self.pairs
+        assert pairs is not None
+        return [{"id": i, "generated": h, "input": pairs.inputs[i], "target": pairs.targets[i]}
+                for i, h in zip(ids, hyps)]
+
+    def evaluate(self, sample_cfg: SampleConfig, num_samples: int | None = None, seed: int | None = None,
+                 progress: bool = True, sampler: Any = None) -> EvalResult:
+        """Generate ``num_samples`` (default ``sample_cfg.num_samples``; conditional: the first N reference
+        rows) with ``seed`` (default ``sample_cfg.seed``) and score them.
+
+        ``sampler`` (e.g. :class:`pipelines.eval_shards.ShardPool`) generates instead of this process:
+        ``sampler(sample_cfg, n, seed, progress) -> samples`` (the same list :meth:`generate_samples`
+        gives) and ``sampler.provenance() -> dict`` (merged into the provenance: workers, device)."""
+        n = self.sample_count(sample_cfg, num_samples)
+        seed = int(seed if seed is not None else sample_cfg.seed)
+        t0 = time.perf_counter()
+        if sampler is None:
+            samples = self.generate_samples(sample_cfg, n, seed, progress=_Reporter("sample", n, progress))
         else:
-            samples = self._generate_conditional(sample_cfg, n, gen, bf16, progress)
-            n = len(samples)
+            samples = sampler(sample_cfg, n, seed, progress)
+            if [s["id"] for s in samples] != list(range(n)):
+                raise EvalError(f"the sampler returned ids {[s['id'] for s in samples][:10]}..., expected 0..{n - 1}")
         t1 = time.perf_counter()
         prov = self.provenance(sample_cfg, n, seed)
+        if sampler is not None:
+            prov.update(sampler.provenance())
         texts = [s["generated"] for s in samples]
         if self.task == "unconditional":
             if not drop_empty(texts)[0]:
                 raise EmptySamplesError(f"all {n} generated samples are empty or whitespace-only; nothing to score "
                                         f"(checkpoint step {self.loaded.step}, {prov['sampler']} {prov['steps']} steps)", samples)
+            if self.evaluator is None:
+                raise EvalError("this EvalSession was built with evaluator=None (sampling only): it cannot score "
+                                "unconditional samples; build it with an evaluator")
             report = _Reporter("sample scored", len(drop_empty(texts)[0]), progress)
             metrics = self.evaluator.perplexity(texts, max_length=PPL_MAX_LENGTH, batch_size=PPL_BATCH_SIZE,
                                                 progress=report).as_metrics()
@@ -407,30 +469,33 @@ class EvalSession:
         return EvalResult(metrics=metrics, samples=samples, sample_seconds=t1 - t0, score_seconds=t2 - t1,
                           provenance=prov)
 
-    def _generate_conditional(self, sample_cfg: SampleConfig, n: int, gen: torch.Generator, bf16: bool,
-                              progress: bool) -> list[dict]:
-        """First ``n`` reference rows -> hypotheses. Only the condition tokens reach the sampler: the
-        target half of every row is blank (pad), and :func:`encode_condition` encodes the condition only."""
+    def _generate_conditional(self, sample_cfg: SampleConfig, n: int, seed: int, batches: list[int],
+                              progress: Optional[Callable[[int, int], None]]) -> list[str]:
+        """First ``n`` reference rows -> hypotheses of ``batches``. Only the condition tokens reach the
+        sampler: the target half of every row is blank (pad), and :func:`encode_condition` encodes the
+        condition only."""
         cfg, enc = self.config, self.encoder
         d = cfg.data
         if d.max_input_length is None:
             raise EvalError(f"{self.loaded.path}: data.max_input_length is not set; conditional sampling needs it")
         pairs = self.pairs
         assert pairs is not None
-        n = min(n, len(pairs))
-        cond_ids = pairs.condition_ids(enc, n)
-        collate = Collator(d.max_length, enc.eos_id, enc.pad_id, pad_token=d.pad_token, conditional=True,
-                           max_input_length=d.max_input_length)
-        batch = collate([{"condition_input_ids": c, "input_ids": []} for c in cond_ids])
-        mask = batch["cond_mask"]
-        ids = torch.where(mask, batch["input_ids"], torch.full_like(batch["input_ids"], enc.pad_id))
-        report = _Reporter("sample", n, progress)
-        hyps = generate(self.net, sample_cfg, cfg.flow, seq_len=d.max_length, generator=gen, decode_fn=enc.decode_ids,
-                        eos_id=enc.eos_id, pad_id=enc.pad_id, cond_mask=mask, cond_ids=ids, encode_fn=enc.encode,
-                        target_len=d.max_length - d.max_input_length, bf16=bf16, progress=report)
-        return [{"id": i, "generated": h, "input": pairs.inputs[i], "target": pairs.targets[i]}
-                for i, h in enumerate(hyps)]
+        key = (n, pairs.inputs[:n], None if pairs.ids is None else pairs.ids[:n])
+        if self._cond_rows is None or self._cond_rows[0] != key:  # a sharded run asks batch by batch: tokenise once
+            cond_ids = pairs.condition_ids(enc, n)
+            collate = Collator(d.max_length, enc.eos_id, enc.pad_id, pad_token=d.pad_token, conditional=True,
+                               max_input_length=d.max_input_length)
+            batch = collate([{"condition_input_ids": c, "input_ids": []} for c in cond_ids])
+            mask = batch["cond_mask"]
+            blank = torch.full_like(batch["input_ids"], enc.pad_id)
+            self._cond_rows = (key, mask, torch.where(mask, batch["input_ids"], blank))
+        _, mask, ids = self._cond_rows
+        return generate(self.net, sample_cfg, cfg.flow, seq_len=d.max_length, seed=seed, batches=batches,
+                        decode_fn=enc.decode_ids, eos_id=enc.eos_id, pad_id=enc.pad_id, cond_mask=mask, cond_ids=ids,
+                        encode_fn=enc.encode, target_len=d.max_length - d.max_input_length, bf16=self.bf16,
+                        progress=progress)
 
 
-__all__ = ["EvalSession", "EvalResult", "EmptySamplesError", "LoadedModel", "resolve_checkpoint", "load_evaluator_or_auto",
+__all__ = ["EvalSession", "EvalResult", "EmptySamplesError", "LoadedModel", "resolve_checkpoint",
+           "load_evaluator_or_auto",
            "load_elf_lab_dir", "find_training_run", "TASKS"]

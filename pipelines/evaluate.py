@@ -13,6 +13,10 @@ child run of the training run when the checkpoint came from one, else in experim
 
 ``score``: the metrics of an existing samples file (the official format included), printed as a table.
 
+``--workers N`` (N > 1) shards the sampling over N Ray workers (:mod:`pipelines.eval_shards`: one GPU
+each when the Ray cluster has GPUs, else ``--worker-cpus`` CPUs each); the samples are exactly those
+of ``--workers 1`` (per-batch seeds, :mod:`elf_core.sampling`), and scoring stays in this process.
+
 Evaluator: ``--evaluator auto`` (the default) is gpt2-large in fp32 when it can be loaded (local HF
 cache or reachable hub), else the offline SmolLM2-135M proxy, announced by a banner and recorded as
 the evaluator of every number. Name an evaluator explicitly to get exactly that one or an error.
@@ -42,6 +46,8 @@ EPILOG = """examples:
   python pipelines/evaluate.py --checkpoint models:/elf-local-default@last sample.steps=64 --num-samples 100
   python pipelines/evaluate.py --checkpoint runs:/<run id>/checkpoint --evaluator smollm2
   python pipelines/evaluate.py --checkpoint ckpt_dir --task translation --references ../shared/data/wmt14_de-en_validation_t5
+  python pipelines/evaluate.py --workers 2 --num-samples 32      sample on 2 Ray workers (GPUs if the cluster has them)
+  RAY_ADDRESS=http://head:8265 python pipelines/evaluate.py --workers 8   8 workers of a running Ray cluster
   python pipelines/evaluate.py score --samples samples.jsonl [--evaluator gpt2-large]
   python pipelines/evaluate.py score --samples hyps.jsonl --references refs.jsonl --task translation
 
@@ -87,7 +93,17 @@ def parse_evaluate(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--table-rows", type=int, default=50, help="samples shown in the MLflow table (default 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=int, default=1, help="Ray workers to shard sampling over (only 1 so far)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="shard sample generation over N Ray workers (default 1: sample in this process, no Ray). "
+                        "Each worker loads the checkpoint once and generates a contiguous share of the sampling "
+                        "batches; the samples are identical to --workers 1 for the same seed and sampling config "
+                        "(per-batch seeds; on CPU with the same thread count). Scoring stays in this process")
+    p.add_argument("--worker-cpus", type=float, default=1.0,
+                   help="CPUs per Ray worker (default 1; a CPU worker runs torch with that many threads)")
+    p.add_argument("--worker-gpus", type=float, default=None,
+                   help="GPUs per Ray worker (default: 1 when the Ray cluster has GPUs, else 0 = sample on CPU)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster for --workers > 1 (default: RAY_ADDRESS, else a local Ray instance)")
     p.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     return p.parse_args(argv)
 
@@ -248,13 +264,12 @@ def log_result(client, session, result, sample_cfg, name: str, samples_path: Pat
 def evaluate_main(argv: list[str]) -> int:
     args = parse_evaluate(argv)
     set_threads(args.threads)
-    if args.workers != 1:
-        raise UsageError(f"--workers {args.workers}: sharding sampling over Ray workers is not implemented yet; "
-                         "run with --workers 1 (one process, all local cores / one GPU)")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     from elf_core.config import SampleConfig
     from pipelines import tracking
-    from pipelines.eval_inputs import apply_overrides, load_sampling_configs, run_name
-    from pipelines.eval_session import EmptySamplesError, EvalSession
+    from pipelines.eval_inputs import apply_overrides, load_sampling_configs
+    from pipelines.eval_session import EvalSession
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT)
     client = None
@@ -267,17 +282,58 @@ def evaluate_main(argv: list[str]) -> int:
     spec = args.checkpoint or default_checkpoint(uri)
     print(f"[eval] checkpoint: {spec}", file=sys.stderr, flush=True)
     use_ema = {"auto": None, "ema": True, "raw": False}[args.weights]
-    session = EvalSession(spec, evaluator=args.evaluator, evaluator_dtype=args.evaluator_dtype, task=args.task,
-                          references=args.references, device=args.device, use_ema=use_ema, tracking_uri=uri)
+    # The evaluator is loaded after the checkpoint: with --workers > 1 while the Ray workers load it.
+    session = EvalSession(spec, evaluator=None, task=args.task, references=args.references, device=args.device,
+                          use_ema=use_ema, tracking_uri=uri)
     ld = session.loaded
-    print(f"[eval] step {ld.step}, {ld.weights} weights, task {session.task}"
-          + (f", evaluator {session.evaluator.name} ({session.evaluator.dtype})" if session.evaluator else "")
-          + (f", training run {ld.training_run_id}" if ld.training_run_id else ""), file=sys.stderr, flush=True)
     base: SampleConfig = session.config.sample
     configs = load_sampling_configs(args.sampling, base) if args.sampling else [base]
     configs = [apply_overrides(c, args.overrides) for c in configs]
 
     label = Path(spec.rstrip("/")).name.replace(":", "_").replace("@", "_") or "checkpoint"
+    pool = None
+    try:
+        if args.workers > 1:
+            from pipelines.eval_shards import ShardPool, pinned_checkpoint
+
+            pool = ShardPool(pinned_checkpoint(spec, ld), workers=args.workers, task=session.task,
+                             references=args.references, use_ema=ld.weights == "ema", tracking_uri=uri,
+                             expect={"step": ld.step, "weights": ld.weights, "task": session.task},
+                             cpus_per_worker=args.worker_cpus, gpus_per_worker=args.worker_gpus,
+                             address=args.ray_address, wait=False)
+        session.load_evaluator(args.evaluator, args.evaluator_dtype)
+        print(f"[eval] step {ld.step}, {ld.weights} weights, task {session.task}"
+              + (f", evaluator {session.evaluator.name} ({session.evaluator.dtype})" if session.evaluator else "")
+              + (f", training run {ld.training_run_id}" if ld.training_run_id else ""), file=sys.stderr, flush=True)
+        if pool is not None:
+            pool.wait_loaded()  # here, so that sample_seconds counts sampling only
+        summary = _evaluate_configs(args, session, configs, label, client, uri, pool)
+    finally:
+        if pool is not None:
+            pool.close()
+
+    print("\n" + "=" * 80)
+    for name, result, where, ui in summary:
+        rows = [(k, _fmt(k, v)) for k, v in result.metrics.items()]
+        rows += [("sample seconds", f"{result.sample_seconds:.1f}"), ("score seconds", f"{result.score_seconds:.1f}")]
+        print_table(rows, f"{name}  [{result.provenance.get('evaluator', session.task)}, step {ld.step}]")
+        print(f"  -> {where}")
+        for s in result.samples[:3]:
+            print(f"     [{s['id']}] {s['generated'][:200]!r}")
+    if summary and summary[-1][3]:
+        print(f"[eval] see it in MLflow:\n{summary[-1][3]}")
+    return 0
+
+
+def _evaluate_configs(args: argparse.Namespace, session, configs: list, label: str, client, uri: str,
+                      pool) -> list[tuple]:
+    """Sample (here, or on ``pool``'s Ray workers), score, write and log each sampling config; returns
+    ``[(run name, EvalResult, where it was written, MLflow UI command or None)]``."""
+    from pipelines import tracking
+    from pipelines.eval_inputs import run_name
+    from pipelines.eval_session import EmptySamplesError
+
+    ld = session.loaded
     summary = []
     for i, sc in enumerate(configs, start=1):
         name = run_name(sc, session.task != "unconditional")
@@ -286,7 +342,7 @@ def evaluate_main(argv: list[str]) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         samples_path = out_dir / "samples.jsonl"
         try:
-            result = session.evaluate(sc, num_samples=args.num_samples, seed=args.seed)
+            result = session.evaluate(sc, num_samples=args.num_samples, seed=args.seed, sampler=pool)
         except EmptySamplesError as e:
             _write_jsonl(samples_path, e.samples)
             raise UsageError(f"{e} (samples written to {samples_path})") from None
@@ -302,17 +358,7 @@ def evaluate_main(argv: list[str]) -> int:
         else:
             summary.append((name, result, where, None))
 
-    print("\n" + "=" * 80)
-    for name, result, where, ui in summary:
-        rows = [(k, _fmt(k, v)) for k, v in result.metrics.items()]
-        rows += [("sample seconds", f"{result.sample_seconds:.1f}"), ("score seconds", f"{result.score_seconds:.1f}")]
-        print_table(rows, f"{name}  [{result.provenance.get('evaluator', session.task)}, step {ld.step}]")
-        print(f"  -> {where}")
-        for s in result.samples[:3]:
-            print(f"     [{s['id']}] {s['generated'][:200]!r}")
-    if summary and summary[-1][3]:
-        print(f"[eval] see it in MLflow:\n{summary[-1][3]}")
-    return 0
+    return summary
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

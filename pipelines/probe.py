@@ -52,7 +52,6 @@ class QualityProbe:
             return []
         s = self.cfg.sample
         sample_cfg = type(s)(**{**s.__dict__, "num_samples": n, "batch_size": min(n, s.batch_size)})
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        return generate(net, sample_cfg, self.cfg.flow, seq_len=self.cfg.data.max_length, generator=gen,
+        return generate(net, sample_cfg, self.cfg.flow, seq_len=self.cfg.data.max_length, seed=self.seed,
                         decode_fn=self.encoder.decode_ids, eos_id=self.encoder.eos_id,
                         pad_id=self.encoder.pad_id, num_samples=n, bf16=self.cfg.train.bf16)

@@ -270,6 +270,6 @@ def check_cluster_fits(
         + (f", {_plural(num_workers * gpus_per_worker, 'GPU')}" if gpus_per_worker else "")
         + f" in all) but the Ray cluster has {_plural(totals.get('GPU', 0.0), 'GPU')} / "
         f"{_plural(totals.get('CPU', 0.0), 'CPU')} ({_plural(len(nodes), 'node')}: {per_node}); "
-        f"at most {_plural(fit, 'such worker')} fit. Training would wait forever for resources: "
+        f"at most {_plural(fit, 'such worker')} fit. The job would wait forever for resources: "
         f"{hint}."
     )

@@ -147,9 +147,18 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
 
     # 4. Resume? The newest complete checkpoint of an earlier attempt of this run (unless --fresh);
     #    the MLflow run is continued only together with a checkpoint, else a new run is opened.
+    #    Object storage (s3://, gs://, any pyarrow URI) is listed through pyarrow.fs; the worker
+    #    downloads the checkpoint it names (pipelines/remote_checkpoints.py).
+    from elf_core.checkpoint import CheckpointError
+    from pipelines.remote_checkpoints import RemoteStorageError, is_uri, redact, run_checkpoints_at
+
     resume_from = None
-    if not fresh and "://" not in cfg.ray.storage_path:
-        found = run_checkpoints(Path(cfg.ray.storage_path), cfg.name)
+    if not fresh:
+        try:
+            found = (run_checkpoints_at(cfg.ray.storage_path, cfg.name) if is_uri(cfg.ray.storage_path)
+                     else run_checkpoints(Path(cfg.ray.storage_path), cfg.name))
+        except (RemoteStorageError, CheckpointError) as e:  # unreachable storage, a damaged meta.json
+            raise UserFacingError(f"ray.storage_path: {e}") from None
         resume_from = str(found[-1][1]) if found else None
     client = tracking.make_client(uri)
     exp_id = tracking.ensure_experiment(cfg.tracking.experiment, client)
@@ -158,7 +167,7 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
     registered = cfg.tracking.registered_model or f"elf-{tracking.registered_model_name(cfg.name)}"
     print(f"[elf] MLflow run {run_id} in experiment '{cfg.tracking.experiment}' ({uri})", flush=True)
     if resume_from:
-        print(f"[elf] resuming from {resume_from}", flush=True)
+        print(f"[elf] resuming from {redact(resume_from)}", flush=True)
 
     with tracking.run_guard(run_id, client):
         tracking.log_params_flat(run_id, to_flat_dict(cfg), client)
@@ -230,7 +239,9 @@ def fit(cfg, *, run_id: str, uri: str, use_gpu: bool, resume_from: str | None, i
     # inside an attempt resume from its checkpoints; a new submission resumes from the newest
     # complete checkpoint of any attempt (``resume_from``), found by ELF Lab rather than by Ray,
     # whose restore-by-name can point at checkpoints an interrupted run already rotated away.
-    storage = cfg.ray.storage_path.rstrip("/") + "/" + cfg.name
+    from pipelines.remote_checkpoints import child_uri
+
+    storage = child_uri(cfg.ray.storage_path, cfg.name)  # keeps a URI's ?query (endpoint_override=...) last
     loop_cfg = {"config_yaml": to_yaml(cfg), "run_id": run_id, "tracking_uri": uri,
                 "resume_from": resume_from, "inject_failure": inject_failure,
                 "marker_dir": str(Path(cfg.train.output_dir) / cfg.name / "failure-markers")}

@@ -1,7 +1,8 @@
 """The Ray Train worker loop for ELF (runs on every rank; importable by workers, not a test module).
 
 Each rank builds the frozen encoder and the network (same init seed everywhere), wraps it in DDP
-when there are several ranks, restores the latest checkpoint if Ray hands one over (or the driver
+— or shards it with FSDP2 (``ray.strategy=fsdp2``, :mod:`elf_core.parallel`) — when there are
+several ranks, restores the latest checkpoint if Ray hands one over (or the driver
 names one), and takes steps on its shard of the global batch in the resumable order of
 :mod:`elf_core.batching`. Rank 0 logs metrics to MLflow and prints progress with an ETA; every rank
 calls ``ray.train.report`` the same number of times (it is a barrier), rank 0 attaching checkpoints.
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,7 @@ from elf_core.data import build_dataset
 from elf_core.encoder import FrozenEncoder
 from elf_core.flops import model_flops, peak_flops
 from elf_core.network import ELFNetwork, count_parameters
+from elf_core.parallel import full_optimizer_state, full_tensors, is_sharded, wrap_for_training
 from elf_core.trainer import ELFTrainer
 from pipelines.probe import QualityProbe
 from pipelines.progress import Progress
@@ -95,13 +97,9 @@ def _build(cfg: ExperimentConfig, device: torch.device, rank: int, world: int):
     torch.manual_seed(cfg.train.seed)
     net = ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size)
 
-    def wrap(m: torch.nn.Module) -> torch.nn.Module:
-        if cfg.train.compile:
-            m = torch.compile(m)
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            m = torch.nn.parallel.DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True)
-        return m
+    def wrap(m: torch.nn.Module) -> torch.nn.Module:  # DDP or FSDP2 (ray.strategy), optionally compiled
+        return wrap_for_training(m, strategy=cfg.ray.strategy, world_size=world, device=device,
+                                 compile=cfg.train.compile)
 
     hf = encoder.model.config
     mf = model_flops(cfg.model, encoder.dim, encoder.vocab_size, cfg.data.max_length,
@@ -122,13 +120,44 @@ def _restore(trainer: ELFTrainer, directory: str, device: torch.device) -> DataP
     return DataPosition(**loaded.data_position) if loaded.data_position else DataPosition()
 
 
-def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataPosition, run_id: str) -> Path:
+def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataPosition, run_id: str,
+          rank: int) -> Optional[Path]:
+    """Rank 0 writes the checkpoint (always unsharded) to a temp dir and returns it; under FSDP2
+    every rank must call this, as gathering the shards is a collective."""
+    full = {}
+    if is_sharded(trainer.net):
+        full = dict(model_state=full_tensors(trainer.net.state_dict()), ema_state=full_tensors(trainer.ema.state_dict()),
+                    optimizer_state=full_optimizer_state(trainer.optimizer))
+    if rank != 0:
+        return None
     d = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
-    save_checkpoint(d, model=trainer.net, config=cfg, ema_state=trainer.ema.state_dict(),
+    save_checkpoint(d, model=trainer.net, config=cfg, ema_state=full.pop("ema_state", trainer.ema.state_dict()),
                     optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
                     epoch=position.epoch, data_position=position.as_dict(), generators=trainer.generators(),
-                    extra={"mlflow_run_id": run_id})
+                    extra={"mlflow_run_id": run_id}, **full)
     return d
+
+
+@contextlib.contextmanager
+def _probe_weights(trainer: ELFTrainer, rank: int, ema: bool) -> Iterator[Optional[torch.nn.Module]]:
+    """The network rank 0 probes and samples with (raw or EMA weights); None on other ranks.
+    Unsharded: the live network (EMA swapped in for the block). FSDP2: the full weights are gathered
+    on every rank (a collective) into a plain copy on rank 0, so rank 0 can run alone."""
+    if not is_sharded(trainer.net):
+        if rank != 0:
+            yield None
+        else:
+            with trainer.ema.swapped_in(trainer.net) if ema else contextlib.nullcontext():
+                yield trainer.net
+        return
+    state = full_tensors(trainer.ema.state_dict() if ema else trainer.net.state_dict())
+    if rank != 0:
+        yield None
+        return
+    with torch.device("meta"):  # no init work, no global-RNG draws: the weights come from `state`
+        net = ELFNetwork(trainer.cfg.model, trainer.net.latent_dim, trainer.net.vocab_size)
+    net.load_state_dict(state, assign=True)
+    yield net.to(trainer.device)
 
 
 def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +181,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
         with ray_ckpt.as_directory() as d:
             position, resumed_from = _restore(trainer, d, device), "Ray checkpoint"
     elif loop_cfg.get("resume_from"):  # a new submission: the newest checkpoint of an earlier attempt
-        position, resumed_from = _restore(trainer, loop_cfg["resume_from"], device), loop_cfg["resume_from"]
+        from pipelines.remote_checkpoints import local_checkpoint, redact
+
+        with local_checkpoint(loop_cfg["resume_from"]) as d:  # an s3:// / gs:// URI: downloaded, then deleted
+            position, resumed_from = _restore(trainer, d, device), redact(loop_cfg["resume_from"])
 
     logger = probe = progress = None
     result: dict[str, Any] = {"rank": rank}
@@ -164,10 +196,12 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
         print(f"[elf] rank 0 of {world} on {device}: {count_parameters(trainer.net):,} params, {len(rows):,} rows, "
               f"{order.steps_per_epoch} steps/epoch, {n_steps} steps"
               + (f"; resumed at step {trainer.step_count} from {resumed_from}" if resumed_from else ""), flush=True)
-        if trainer.step_count == 0:
-            logger.log(probe.measure(trainer.net, tag="start"), step=0)
-            result["samples_start"] = probe.samples(trainer.net, cfg.tracking.log_samples)
-            logger.flush()
+    if trainer.step_count == 0:
+        with _probe_weights(trainer, rank, ema=False) as net:
+            if rank == 0:
+                logger.log(probe.measure(net, tag="start"), step=0)
+                result["samples_start"] = probe.samples(net, cfg.tracking.log_samples)
+                logger.flush()
     try:
         tokens_per_step = cfg.train.global_batch_size * cfg.data.max_length
         batches = order.iterate(position)
@@ -187,20 +221,21 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
                 logger.log(metrics, step=step)
                 print(progress.line(step, metrics), flush=True)
             if step % cfg.train.checkpoint_every == 0 or step == n_steps:
-                ckpt_dir = None
+                ckpt_dir = _save(trainer, cfg, step, position, loop_cfg["run_id"], rank)
                 if rank == 0:
-                    ckpt_dir = _save(trainer, cfg, step, position, loop_cfg["run_id"])
                     logger.flush()
                 _report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
                 if ckpt_dir is not None:
                     shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         result.update(steps=trainer.step_count, last=metrics)
-        if rank == 0:
-            end = probe.measure(trainer.net, tag="end")
-            logger.log(end, step=trainer.step_count)
-            use_ema = ema_is_warm(trainer.step_count, cfg.optim.ema_decay)
-            with trainer.ema.swapped_in(trainer.net) if use_ema else contextlib.nullcontext():
-                result.update(probe_end=end, samples=probe.samples(trainer.net, cfg.tracking.log_samples),
+        with _probe_weights(trainer, rank, ema=False) as net:
+            if rank == 0:
+                end = probe.measure(net, tag="end")
+                logger.log(end, step=trainer.step_count)
+        use_ema = ema_is_warm(trainer.step_count, cfg.optim.ema_decay)
+        with _probe_weights(trainer, rank, ema=use_ema) as net:
+            if rank == 0:
+                result.update(probe_end=end, samples=probe.samples(net, cfg.tracking.log_samples),
                               samples_weights="ema" if use_ema else "raw")
     finally:
         if logger is not None:

@@ -133,7 +133,7 @@ def test_check_cluster_fits_against_real_ray(ray_local):
         re_.check_cluster_fits(7, cpus_per_worker=1, hint="lower train.num_workers")
     assert str(info.value) == (
         "asked for 7 workers × 1 CPU (7 CPUs in all) but the Ray cluster has 0 GPUs / 6 CPUs "
-        "(1 node: 6 CPUs, 0 GPUs); at most 6 such workers fit. Training would wait forever for "
+        "(1 node: 6 CPUs, 0 GPUs); at most 6 such workers fit. The job would wait forever for "
         "resources: lower train.num_workers."
     )
     with pytest.raises(re_.ClusterTooSmall, match=r"^asked for 8 workers × 1 CPU \+ 1 GPU \(8 CPUs, 8 GPUs in all\) "

@@ -13,8 +13,9 @@ import torch
 
 from elf_core.config import FlowConfig, SampleConfig, load_config
 from elf_core.network import ELFNetwork
-from elf_core.sampling import (GuidedField, cut_at_eos, decode_latents, encode_condition, generate, integrate,
-                               nfe, ode_step, sample_latents, sde_step, target_window, time_grid)
+from elf_core.sampling import (GuidedField, batch_bounds, batch_generator, batch_seed, cut_at_eos, decode_latents,
+                               encode_condition, generate, integrate, nfe, num_batches, ode_step, sample_latents,
+                               sde_step, target_window, time_grid)
 
 B, S, D, V = 3, 12, 16, 50
 EOS, PAD = 1, 0
@@ -291,7 +292,7 @@ def _texts_decode_fn(ids: torch.Tensor) -> list[str]:
 
 def test_determinism(net):
     cfg = scfg(steps=3)
-    run = lambda seed: generate(net, cfg, FLOW, num_samples=3, seq_len=S, generator=gen(seed),  # noqa: E731
+    run = lambda seed: generate(net, cfg, FLOW, num_samples=3, seq_len=S, seed=seed,  # noqa: E731
                                 decode_fn=lambda ids: [str(r) for r in ids.tolist()], eos_id=-1, pad_id=PAD)
     a, b, c = run(123), run(123), run(124)
     assert a == b
@@ -305,7 +306,7 @@ def test_nfe_counts(net):
     try:
         for steps, c, cond in ((5, 1.0, False), (4, 2.0, True), (4, 1.0, True), (1, 2.0, True)):
             calls.clear()
-            generate(net, scfg(steps=steps, cfg=c, batch_size=B), FLOW, seq_len=S, generator=gen(0),
+            generate(net, scfg(steps=steps, cfg=c, batch_size=B), FLOW, seq_len=S, seed=0,
                      decode_fn=_texts_decode_fn, eos_id=EOS, pad_id=PAD, num_samples=None if cond else B,
                      cond_latents=lat if cond else None, cond_mask=mask if cond else None)
             assert len(calls) == nfe(steps, c, cond)
@@ -348,17 +349,16 @@ def test_generate_pipeline_and_eos_cut(net):
         got_ids.append(ids.clone())
         return _texts_decode_fn(ids)
 
-    g = gen(31)
-    texts = generate(net, cfg, FLOW, num_samples=5, seq_len=S, generator=g, decode_fn=grab,
+    texts = generate(net, cfg, FLOW, num_samples=5, seq_len=S, seed=31, decode_fn=grab,
                      eos_id=-1, pad_id=PAD, progress=lambda d, n: progress.append((d, n)))
     assert progress == [(2, 5), (4, 5), (5, 5)]
     assert len(texts) == 5 and [x.shape[0] for x in got_ids] == [2, 2, 1]
-    g = gen(31)
-    raw = torch.cat([decode_latents(net, sample_latents(net, (b, S, D), cfg, FLOW, g), cfg.sc_cfg)
-                     for b in (2, 2, 1)])
+    # Batch k draws from its own generator seeded batch_seed(31, k).
+    raw = torch.cat([decode_latents(net, sample_latents(net, (b, S, D), cfg, FLOW, batch_generator(31, k, "cpu")),
+                                    cfg.sc_cfg) for k, b in enumerate((2, 2, 1))])
     assert torch.equal(torch.cat(got_ids), raw)  # eos_id −1: nothing cut
     eos = int(raw[0, 4])
-    texts_cut = generate(net, cfg, FLOW, num_samples=5, seq_len=S, generator=gen(31),
+    texts_cut = generate(net, cfg, FLOW, num_samples=5, seq_len=S, seed=31,
                          decode_fn=_texts_decode_fn, eos_id=eos, pad_id=PAD)
     assert texts_cut == _texts_decode_fn(cut_at_eos(raw, eos, PAD))
     assert len(texts_cut[0].split()) <= 4
@@ -368,12 +368,11 @@ def test_generate_conditional_window(net):
     lat, mask = cond_setup()
     cfg = scfg(steps=2, cfg=2.0, sampler="ode", batch_size=2)
     got = []
-    generate(net, cfg, FLOW, seq_len=S, generator=gen(2), decode_fn=lambda ids: got.append(ids) or [""] * len(ids),
+    generate(net, cfg, FLOW, seq_len=S, seed=2, decode_fn=lambda ids: got.append(ids) or [""] * len(ids),
              eos_id=-1, pad_id=PAD, cond_latents=lat, cond_mask=mask, target_len=8)
-    g = gen(2)
-    full = torch.cat([decode_latents(net, sample_latents(net, (b, S, D), cfg, FLOW, g, cond_latents=lat[s],
-                                                         cond_mask=mask[s]), cfg.sc_cfg)
-                      for b, s in ((2, slice(0, 2)), (1, slice(2, 3)))])
+    full = torch.cat([decode_latents(net, sample_latents(net, (b, S, D), cfg, FLOW, batch_generator(2, k, "cpu"),
+                                                         cond_latents=lat[s], cond_mask=mask[s]), cfg.sc_cfg)
+                      for k, (b, s) in enumerate(((2, slice(0, 2)), (1, slice(2, 3))))])
     out = torch.cat(got)
     assert out.shape == (B, 8)
     assert out[0].tolist() == full[0, 3:11].tolist()
@@ -381,16 +380,56 @@ def test_generate_conditional_window(net):
     assert out[2].tolist() == full[2, 0:8].tolist()
 
 
+def test_batch_seed_by_hand():
+    """The counter-based seed: two golden-ratio multiply-adds (tag, then batch), a xor-shift finaliser."""
+    M = (1 << 63) - 1
+
+    def hand(seed, k):
+        h = ((seed & M) * 0x9E3779B97F4A7C15 + 0x5EED5A3F + 1) & M
+        h = (h * 0x9E3779B97F4A7C15 + k + 1) & M
+        h ^= h >> 31
+        h = (h * 0xBF58476D1CE4E5B9) & M
+        return h ^ (h >> 29)
+
+    assert [batch_seed(s, k) for s, k in ((0, 0), (42, 3), (-1, 7))] == [hand(0, 0), hand(42, 3), hand(-1, 7)]
+    seeds = {batch_seed(s, k) for s in range(20) for k in range(200)}
+    assert len(seeds) == 20 * 200 and all(0 <= x < 2**63 for x in seeds)
+    assert torch.equal(torch.randn(4, generator=batch_generator(5, 2, "cpu")),
+                       torch.randn(4, generator=gen(batch_seed(5, 2))))
+    with pytest.raises(ValueError, match="batch index"):
+        batch_seed(0, -1)
+    assert [num_batches(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+    assert batch_bounds(2, 9, 4) == (8, 9) and batch_bounds(0, 9, 4) == (0, 4)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_generate_batch_subsets_equal_full_run(net, conditional):
+    """Generating batches [k] alone gives exactly the k-th batch of a full run, in any order and any
+    subset: what lets Ray workers each take a share of one evaluation's batches."""
+    lat, mask = cond_setup() if conditional else (None, None)
+    cfg = scfg(steps=2, batch_size=1, **(dict(cfg=2.0) if conditional else {}))
+    kw = dict(seq_len=S, seed=77, decode_fn=_texts_decode_fn, eos_id=-1, pad_id=PAD)
+    kw.update(dict(cond_latents=lat, cond_mask=mask) if conditional else dict(num_samples=B))
+    full = generate(net, cfg, FLOW, **kw)
+    assert len(full) == B and len(set(full)) == B  # batches draw different noise
+    for k in range(B):
+        assert generate(net, cfg, FLOW, batches=[k], **kw) == [full[k]]
+    assert generate(net, cfg, FLOW, batches=[2, 0], **kw) == [full[2], full[0]]
+    assert generate(net, cfg, FLOW, batches=[], **kw) == []
+    if not conditional:  # more samples keep the earlier (complete) batches: batch k depends on (seed, k) only
+        assert generate(net, cfg, FLOW, **{**kw, "num_samples": B + 2})[:B] == full
+
+
 def test_mode_and_grad_state_restored(net):
     net.train()
     try:
-        generate(net, scfg(steps=1), FLOW, num_samples=1, seq_len=S, generator=gen(0),
+        generate(net, scfg(steps=1), FLOW, num_samples=1, seq_len=S, seed=0,
                  decode_fn=_texts_decode_fn, eos_id=EOS, pad_id=PAD)
         assert net.training
         assert all(p.grad is None for p in net.parameters())
     finally:
         net.eval()
-    generate(net, scfg(steps=1), FLOW, num_samples=1, seq_len=S, generator=gen(0),
+    generate(net, scfg(steps=1), FLOW, num_samples=1, seq_len=S, seed=0,
              decode_fn=_texts_decode_fn, eos_id=EOS, pad_id=PAD)
     assert not net.training
     # The RoPE cache built while sampling is an ordinary tensor: training afterwards still backprops.
@@ -414,8 +453,11 @@ def test_input_errors(net):
     with pytest.raises(ValueError, match="together"):
         sample_latents(net, (B, S, D), scfg(), FLOW, gen(0), cond_mask=mask)
     with pytest.raises(ValueError, match="num_samples"):
-        generate(net, scfg(), FLOW, seq_len=S, generator=gen(0), decode_fn=_texts_decode_fn, eos_id=EOS,
+        generate(net, scfg(), FLOW, seq_len=S, seed=0, decode_fn=_texts_decode_fn, eos_id=EOS,
                  pad_id=PAD, num_samples=2, cond_latents=lat, cond_mask=mask)
+    with pytest.raises(ValueError, match=r"batch 3 is out of range: 5 samples in batches of 2 make 3 batches"):
+        generate(net, scfg(), FLOW, seq_len=S, seed=0, decode_fn=_texts_decode_fn, eos_id=EOS, pad_id=PAD,
+                 num_samples=5, batches=[0, 3])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,9 +507,9 @@ def test_generate_with_cond_ids_equals_precomputed(net, tiny_t5):
     _, cond = _official_masks([7, 4, 7], [S, S, S])  # every batch has the whole set's L: same shapes
     cfg = scfg(steps=2, cfg=2.0, batch_size=2)
     kw = dict(seq_len=S, decode_fn=_texts_decode_fn, eos_id=EOS, pad_id=PAD, cond_mask=cond, target_len=5)
-    a = generate(net, cfg, FLOW, generator=gen(4), cond_ids=ids, encode_fn=tiny_t5, **kw)
+    a = generate(net, cfg, FLOW, seed=4, cond_ids=ids, encode_fn=tiny_t5, **kw)
     lat = encode_condition(tiny_t5, ids, cond, pad_id=PAD)
-    b = generate(net, cfg, FLOW, generator=gen(4), cond_latents=lat, **kw)
+    b = generate(net, cfg, FLOW, seed=4, cond_latents=lat, **kw)
     assert a == b and len(a) == B
 
 

@@ -40,8 +40,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
-def _run(name, tmp, uri, **kw) -> str:
-    assert train.run(_cfg(name, tmp, uri), **kw) == 0
+def _run(name, tmp, uri, *extra: str, **kw) -> str:
+    assert train.run(_cfg(name, tmp, uri, *extra), **kw) == 0
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("elf/local")
     (run,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
@@ -106,6 +106,26 @@ def test_failed_worker_resumes_with_same_data_order_and_loss(shared, reference, 
         assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4, abs=1e-5), step
     marker = tmp / name / "out" / name / "failure-markers"
     assert any(marker.iterdir())  # the failure really happened
+
+
+def test_fsdp2_workers_follow_the_ddp_run_through_a_worker_death(shared, reference):
+    """ray.strategy=fsdp2: sharded params/grads/optimizer state give the DDP reference's loss curve and
+    data order, and a hard worker death resumes from the (unsharded) checkpoint like DDP does."""
+    tmp, uri = shared
+    run_id = _run("fsdp2", tmp / "fsdp2", uri, "ray.strategy=fsdp2", inject_failure="exit@6")
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["ray.strategy"] == "fsdp2"
+    assert _history(client, run_id, "data_first_row") == _history(client, reference, "data_first_row")
+    ref_loss, loss = _history(client, reference, "loss"), _history(client, run_id, "loss")
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4, abs=1e-5), step
+    ref_m = client.get_run(reference).data.metrics
+    assert run.data.metrics["probe_end/loss"] == pytest.approx(ref_m["probe_end/loss"], rel=1e-4)
+    assert any((tmp / "fsdp2" / "out" / "fsdp2" / "failure-markers").iterdir())
+    ckpts = train.run_checkpoints(tmp / "fsdp2" / "ray", "fsdp2")
+    assert ckpts[-1][0] == STEPS
 
 
 def test_bad_inputs_fail_fast_with_one_message(shared, capsys):
