@@ -11,8 +11,8 @@ Layout of a checkpoint directory (design.md "Checkpoints")::
 
 Atomicity: everything is written into a hidden temp sibling (``.<name>.tmp-<id>``), fsync'ed, then
 renamed into place; ``meta.json`` is written last, so a directory without it is not a checkpoint.
-A crash at any point leaves the previous checkpoint loadable, and :func:`latest_checkpoint` never
-picks a hidden or incomplete directory. Every load error names the file at fault; a failed load
+A crash at any point leaves the previous checkpoint loadable, and
+:func:`elf_core.checkpoint_dirs.latest_checkpoint` never picks a hidden or incomplete directory. Every load error names the file at fault; a failed load
 raises — it never silently starts from scratch (the official port does, pt:train.py:252-254).
 """
 
@@ -25,7 +25,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -334,7 +334,7 @@ class LoadedCheckpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def read_meta(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as e:
@@ -425,7 +425,7 @@ def load_checkpoint(
     for name in (META_FILE, MODEL_FILE, STATE_FILE, CONFIG_FILE):
         if not (root / name).is_file():
             raise CheckpointError(f"{root / name}: missing from the checkpoint (incomplete or not an ELF Lab checkpoint)")
-    meta = _read_meta(meta_path)
+    meta = read_meta(meta_path)
     if meta.get("has_ema") and not (root / EMA_FILE).is_file():
         raise CheckpointError(f"{root / EMA_FILE}: missing, but {META_FILE} says the checkpoint has EMA weights")
 
@@ -494,60 +494,7 @@ def load_checkpoint(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` as ``(step, path)``, ascending by step: directly under it,
-    or one level down (a training run's storage holds ``<name>/attempt-*/checkpoint_*``).
-
-    Hidden directories (temp / old / being-deleted) and directories without ``meta.json`` are not
-    checkpoints and are skipped; a ``meta.json`` that does not parse is an error, not a skip, so a
-    damaged newest checkpoint is never silently passed over for an older one.
-    """
-    base = Path(root)
-    if not base.is_dir():
-        return []
-    found = []
-    for child in base.iterdir():
-        if child.name.startswith(".") or not child.is_dir():
-            continue
-        if (child / META_FILE).is_file():
-            found.append((_read_meta(child / META_FILE)["step"], child))
-            continue
-        for grandchild in child.iterdir():
-            if not grandchild.name.startswith(".") and (grandchild / META_FILE).is_file():
-                found.append((_read_meta(grandchild / META_FILE)["step"], grandchild))
-    return sorted(found, key=lambda sp: (sp[0], str(sp[1])))
-
-
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    """The complete checkpoint under ``root`` with the highest step, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def rotate_checkpoints(root: str | Path, keep: int, protect: Iterable[str | Path] = ()) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints (by step) under ``root``; return what was removed.
-
-    ``protect`` names directories never deleted (e.g. the best checkpoint). Each victim is first
-    renamed to a hidden name, so a half-deleted directory can never look like a checkpoint.
-    """
-    if keep < 1:
-        raise ValueError(f"rotate_checkpoints: keep must be >= 1, got {keep}")
-    protected = {Path(p).resolve() for p in protect}
-    found = list_checkpoints(root)
-    removed = []
-    for _, path in found[:-keep]:
-        if path.resolve() in protected:
-            continue
-        doomed = path.parent / f".{path.name}.del-{uuid.uuid4().hex[:12]}"
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
 __all__ = [
-    "CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-    "list_checkpoints", "rotate_checkpoints", "checkpoint_path", "unwrap_model", "strip_prefixes",
-    "parse_meta",
+    "CheckpointError", "LoadedCheckpoint", "save_checkpoint", "load_checkpoint", "checkpoint_path",
+    "unwrap_model", "strip_prefixes", "parse_meta", "read_meta",
 ]

@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from elf_core.checkpoint import (CONFIG_FILE, EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE,
-                                 CheckpointError, build_network, latest_checkpoint, load_checkpoint)
+                                 CheckpointError, build_network, load_checkpoint)
+from elf_core.checkpoint_dirs import latest_checkpoint
 from elf_core.collate import Collator
 from elf_core.config import ExperimentConfig, SampleConfig, from_yaml_text, load_config
 from elf_core.ema import ema_is_warm

@@ -198,7 +198,7 @@ def score_main(argv: list[str]) -> int:
 def default_checkpoint(uri: str) -> str:
     """The embedded default's newest checkpoint: its registered model if the store has one, else the
     newest checkpoint in its Ray storage directory."""
-    from elf_core.checkpoint import latest_checkpoint
+    from elf_core.checkpoint_dirs import latest_checkpoint
     from elf_core.config import load_config
     from pipelines import tracking
 

@@ -3,7 +3,7 @@ pyarrow filesystem URI): list the complete ones, and bring one to a local direct
 
 Why: Ray Train writes ``<ray.storage_path>/<name>/attempt-*/checkpoint_*``. For a filesystem path the
 driver finds the newest complete checkpoint of any attempt with
-:func:`elf_core.checkpoint.list_checkpoints`; this module does the same through ``pyarrow.fs`` (the
+:func:`elf_core.checkpoint_dirs.list_checkpoints`; this module does the same through ``pyarrow.fs`` (the
 library Ray Train itself uses for its storage), so a resubmitted run on object storage resumes too.
 
 What "complete" means — the rules of ``list_checkpoints``, plus one that object stores need:
@@ -122,7 +122,7 @@ def _report_incomplete(uri: str, reason: str) -> None:
 def list_checkpoints_at(uri: str, on_incomplete: Callable[[str, str], None] = _report_incomplete
                         ) -> list[tuple[int, str]]:
     """Complete checkpoints under the storage URI ``uri`` as ``(step, checkpoint URI)``, ascending by
-    step (ties by URI), found as :func:`elf_core.checkpoint.list_checkpoints` finds them locally.
+    step (ties by URI), found as :func:`elf_core.checkpoint_dirs.list_checkpoints` finds them locally.
     A root that does not exist yet holds none. ``on_incomplete(uri, reason)`` hears of each skip."""
     fs, root = _filesystem(uri, "list checkpoints")
     try:

@@ -209,7 +209,7 @@ def run(cfg, *, fresh: bool = False, inject_failure: str | None = None) -> int:
 
 def run_checkpoints(storage: Path, name: str) -> list[tuple[int, Path]]:
     """Complete checkpoints of run ``name`` over all its attempts, ascending by step."""
-    from elf_core.checkpoint import list_checkpoints
+    from elf_core.checkpoint_dirs import list_checkpoints
 
     return list_checkpoints(Path(storage) / name)
 

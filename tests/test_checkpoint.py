@@ -11,8 +11,8 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import elf_core.checkpoint as ck
-from elf_core.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                 rotate_checkpoints, save_checkpoint)
+from elf_core.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from elf_core.checkpoint_dirs import latest_checkpoint, rotate_checkpoints
 from elf_core.config import ExperimentConfig, ModelConfig, resolve
 from elf_core.network import ELFNetwork, count_parameters
 

@@ -1,15 +1,13 @@
 """Checkpoints under a URI storage (pipelines.remote_checkpoints): listing with the completeness rules
-of elf_core.checkpoint.list_checkpoints, on ``file://`` and on a real S3 server (moto, in-process),
+of elf_core.checkpoint_dirs.list_checkpoints, on ``file://`` and on a real S3 server (moto, in-process),
 byte-identical downloads, one-line errors; and a run on ``s3://`` storage that is resubmitted and
 resumes from its checkpoint instead of step 0 (integration).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from elf_core.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from elf_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from elf_core.checkpoint_dirs import list_checkpoints
 from elf_core.config import ExperimentConfig, ModelConfig, load_config, resolve
 from elf_core.network import ELFNetwork
 from pipelines.remote_checkpoints import (RemoteStorageError, child_uri, incomplete_reason, list_checkpoints_at,
@@ -186,7 +185,7 @@ def test_unreachable_storage_is_one_line_naming_the_uri(s3):
 
 # ---- integration: a run on s3:// storage, resubmitted ---------------------------------------------
 @pytest.fixture
-def s3_env(s3, request):
+def s3_env(s3, request, monkeypatch):
     """The standard AWS variables pointing at the moto server, in this process and in Ray's: Ray's
     processes keep the environment they started with, so the session's Ray is started now — or
     restarted if it runs already. This process's variables are restored afterwards; Ray is not
@@ -196,20 +195,13 @@ def s3_env(s3, request):
 
     keys = {"AWS_ENDPOINT_URL": s3[2], "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try:
-        running = conftest._LOCAL_RAY is not None
-        ray_local = request.getfixturevalue("ray_local")
-        if running:
-            ray_local.restart()
-        yield s3
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for k, v in keys.items():  # restored after the test by monkeypatch
+        monkeypatch.setenv(k, v)
+    running = conftest._LOCAL_RAY is not None
+    ray_local = request.getfixturevalue("ray_local")
+    if running:
+        ray_local.restart()
+    return s3
 
 
 @pytest.mark.integration
