@@ -52,6 +52,7 @@ from elf_core.metrics import conditional_metrics, drop_empty
 from elf_core.sampling import batch_bounds, generate, num_batches
 from pipelines.eval_inputs import (EvalError, ReferencePairs, load_reference_pairs,
                                    sampler_settings)
+from pipelines.paths import runs_root
 from pipelines.progress import Progress
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Option
 
     spec = str(spec).strip()
     if spec.startswith(("models:/", "runs:/")):
-        uri = resolve_tracking_uri(tracking_uri, PROJECT_ROOT)
+        uri = resolve_tracking_uri(tracking_uri, runs_root())
         with tempfile.TemporaryDirectory(prefix="elf-eval-ckpt-") as tmp:
             local, run_id, version = _download_mlflow(spec, uri, Path(tmp))
             if not (local / META_FILE).is_file():
@@ -251,7 +252,7 @@ def resolve_checkpoint(spec: str, *, task: Optional[str] = None, use_ema: Option
         return load_official(spec, task, use_ema)
     if loaded.training_run_id or not lookup_run:
         return loaded
-    uri = resolve_tracking_uri(tracking_uri, PROJECT_ROOT)
+    uri = resolve_tracking_uri(tracking_uri, runs_root())
     meta = json.loads((Path(loaded.path) / META_FILE).read_text())
     try:
         with quick_http_env(5.0):  # a dead server must not stall the evaluation for minutes of retries

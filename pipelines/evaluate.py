@@ -38,6 +38,8 @@ if str(PROJECT_ROOT) not in sys.path:  # `python pipelines/evaluate.py` from a c
     sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from pipelines.paths import runs_root  # noqa: E402
+
 DEFAULT_CONFIG = PROJECT_ROOT / "experiments" / "local_default.yaml"
 EVAL_EXPERIMENT = "elf/eval"
 EPILOG = """examples:
@@ -88,8 +90,10 @@ def parse_evaluate(argv: list[str]) -> argparse.Namespace:
                    help="conditional tasks: pairs JSONL {input,target}, save_to_disk dir, hub dataset, or wmt14-de-en / xsum")
     p.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                    help="auto: EMA once step >= 1/(1-ema_decay), else raw weights")
-    p.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs" / "eval")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db)")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where samples and metrics go (default: <root>/outputs/eval; root = $ELF_LAB_ROOT or the checkout)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else <root>/mlruns/mlflow.db, as train.py)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--table-rows", type=int, default=50, help="samples shown in the MLflow table (default 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -212,7 +216,7 @@ def default_checkpoint(uri: str) -> str:
         except Exception as e:  # an unreachable store is reported when logging; look on disk meanwhile
             print(f"[eval] warning: could not search {uri} for model '{registered}': {e}", file=sys.stderr)
     storage = Path(cfg.ray.storage_path)
-    storage = storage if storage.is_absolute() else PROJECT_ROOT / storage
+    storage = storage if storage.is_absolute() else runs_root() / storage
     found = latest_checkpoint(storage / cfg.name)
     if found is None:
         raise UsageError(f"no checkpoint of the embedded default yet: no model '{registered}' in {uri} and no "
@@ -271,7 +275,7 @@ def evaluate_main(argv: list[str]) -> int:
     from pipelines.eval_inputs import apply_overrides, load_sampling_configs
     from pipelines.eval_session import EvalSession
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT)
+    uri = tracking.resolve_tracking_uri(args.tracking_uri, runs_root())
     client = None
     if not args.no_mlflow:
         try:
@@ -338,7 +342,7 @@ def _evaluate_configs(args: argparse.Namespace, session, configs: list, label: s
     for i, sc in enumerate(configs, start=1):
         name = run_name(sc, session.task != "unconditional")
         print(f"[eval] config {i}/{len(configs)}: {name}", file=sys.stderr, flush=True)
-        out_dir = args.output_dir / f"{label}-step{ld.step}" / name
+        out_dir = (args.output_dir or runs_root() / "outputs" / "eval") / f"{label}-step{ld.step}" / name
         out_dir.mkdir(parents=True, exist_ok=True)
         samples_path = out_dir / "samples.jsonl"
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # `python pipelines/train.py` from a checkout
     sys.path.insert(0, str(PROJECT_ROOT))
+
+from pipelines.paths import runs_root  # noqa: E402  (re-exported: experiments/ import it from here)
 
 DEFAULT_CONFIG = PROJECT_ROOT / "experiments" / "local_default.yaml"
 EPILOG = """examples:
@@ -48,17 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--inject-failure", default=None, help=argparse.SUPPRESS)  # tests: exception@K | exit@K
     return p.parse_args(argv)
-
-
-def runs_root() -> Path:
-    """Where relative paths of a config (outputs, checkpoints, data cache, the default MLflow store)
-    live: ``$ELF_LAB_ROOT`` if set, else this checkout — except when this file runs from a
-    ``ray job submit --working-dir`` upload, a temporary copy Ray deletes: then ``~/elf-lab``."""
-    if os.environ.get("ELF_LAB_ROOT"):
-        return Path(os.environ["ELF_LAB_ROOT"]).expanduser().resolve()
-    if "working_dir_files" in PROJECT_ROOT.parts or "runtime_resources" in PROJECT_ROOT.parts:
-        return Path.home() / "elf-lab"
-    return PROJECT_ROOT
 
 
 def absolutise(cfg) -> None:

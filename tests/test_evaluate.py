@@ -280,11 +280,12 @@ def test_official_checkpoint_takes_task_settings(ckpt, tmp_path):
 
 
 def test_default_checkpoint_falls_back_to_storage(ckpt, mlflow_uri, tmp_path, monkeypatch):
-    """No registered model in the store: the newest checkpoint in the embedded default's Ray storage."""
+    """No registered model in the store: the newest checkpoint in the embedded default's Ray storage,
+    under the same root train.py writes to ($ELF_LAB_ROOT here)."""
     import shutil
 
+    monkeypatch.setenv("ELF_LAB_ROOT", str(tmp_path))
     with pytest.raises(cli.UsageError, match="no checkpoint of the embedded default yet"):
-        monkeypatch.setattr(cli, "PROJECT_ROOT", tmp_path)
         cli.default_checkpoint(mlflow_uri)
     for step in (3, 7):
         dst = tmp_path / "outputs" / "ray" / "local-default" / f"checkpoint_2026-01-0{step}"
