@@ -22,6 +22,7 @@ all-gathers), which :mod:`elf_core.flow` keeps by running a pass even on zero ro
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Mapping
 
@@ -80,16 +81,10 @@ def wrap_for_training(net: nn.Module, *, strategy: str, world_size: int, device:
 def set_gradient_sync(model: nn.Module, sync: bool):
     """A context for one micro-batch's backward: skip (``sync=False``) or do the gradient
     all-reduce / reduce-scatter. DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync``."""
-    import contextlib
-
-    if sync:
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
-    if hasattr(model, "no_sync"):
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: a flag its backward hooks read
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()
 
 

@@ -124,17 +124,17 @@ def _save(trainer: ELFTrainer, cfg: ExperimentConfig, step: int, position: DataP
           rank: int) -> Optional[Path]:
     """Rank 0 writes the checkpoint (always unsharded) to a temp dir and returns it; under FSDP2
     every rank must call this, as gathering the shards is a collective."""
-    full = {}
+    ema, gathered = trainer.ema.state_dict(), {}
     if is_sharded(trainer.net):
-        full = dict(model_state=full_tensors(trainer.net.state_dict()), ema_state=full_tensors(trainer.ema.state_dict()),
-                    optimizer_state=full_optimizer_state(trainer.optimizer))
+        ema = full_tensors(ema)
+        gathered = dict(model_state=full_tensors(trainer.net.state_dict()),
+                        optimizer_state=full_optimizer_state(trainer.optimizer))
     if rank != 0:
         return None
     d = Path(tempfile.mkdtemp(prefix="elf-ckpt-")) / f"checkpoint_{step:08d}"
-    save_checkpoint(d, model=trainer.net, config=cfg, ema_state=full.pop("ema_state", trainer.ema.state_dict()),
-                    optimizer=trainer.optimizer, scheduler=trainer.scheduler, step=step,
-                    epoch=position.epoch, data_position=position.as_dict(), generators=trainer.generators(),
-                    extra={"mlflow_run_id": run_id}, **full)
+    save_checkpoint(d, model=trainer.net, config=cfg, ema_state=ema, optimizer=trainer.optimizer,
+                    scheduler=trainer.scheduler, step=step, epoch=position.epoch, data_position=position.as_dict(),
+                    generators=trainer.generators(), extra={"mlflow_run_id": run_id}, **gathered)
     return d
 
 
@@ -228,15 +228,18 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
                 if ckpt_dir is not None:
                     shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
         result.update(steps=trainer.step_count, last=metrics)
-        with _probe_weights(trainer, rank, ema=False) as net:
+        use_ema = ema_is_warm(trainer.step_count, cfg.optim.ema_decay)
+        with _probe_weights(trainer, rank, ema=False) as net:  # the probe measures the raw weights
             if rank == 0:
                 end = probe.measure(net, tag="end")
                 logger.log(end, step=trainer.step_count)
-        use_ema = ema_is_warm(trainer.step_count, cfg.optim.ema_decay)
-        with _probe_weights(trainer, rank, ema=use_ema) as net:
-            if rank == 0:
-                result.update(probe_end=end, samples=probe.samples(net, cfg.tracking.log_samples),
-                              samples_weights="ema" if use_ema else "raw")
+                result.update(probe_end=end, samples_weights="ema" if use_ema else "raw")
+                if not use_ema:
+                    result["samples"] = probe.samples(net, cfg.tracking.log_samples)
+        if use_ema:  # samples come from the EMA once it is warm
+            with _probe_weights(trainer, rank, ema=True) as net:
+                if rank == 0:
+                    result["samples"] = probe.samples(net, cfg.tracking.log_samples)
     finally:
         if logger is not None:
             logger.close()

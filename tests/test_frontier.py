@@ -19,11 +19,11 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pipelines.eval_session import EvalResult
 from pipelines.frontier import (Objective, SweepError, auto_min_entropy, best_point, constraint_tag_key,
                                 load_space, pareto_mask, settings_label)
 from pipelines.frontier_plot import FrontierSeries, plot_frontier
@@ -155,15 +155,6 @@ def test_cli_errors_name_the_culprit(mlflow_uri, tmp_path, capsys):
 FAKE_TABLE = {1.0: (50.0, 4.5), 2.0: (30.0, 4.0), 3.0: (35.0, 3.5), 4.0: (20.0, 3.0)}
 
 
-@dataclass
-class FakeResult:
-    metrics: dict
-    samples: list
-    sample_seconds: float
-    score_seconds: float
-    provenance: dict
-
-
 class FakeSession:
     """EvalSession's interface; appends ``load <pid>`` / ``done <sc_cfg> <pid>`` lines to ``log_path``."""
 
@@ -185,7 +176,7 @@ class FakeSession:
         ppl, ent = FAKE_TABLE[w]
         ppl += 2.0 * float(sample_cfg.gamma)
         self._log(f"done {w:g} {float(sample_cfg.gamma):g} {os.getpid()}")
-        return FakeResult(metrics={"gen_ppl": ppl, "entropy": ent, "num_scored": float(sample_cfg.num_samples)},
+        return EvalResult(metrics={"gen_ppl": ppl, "entropy": ent, "num_scored": float(sample_cfg.num_samples)},
                           samples=[{"id": 0, "generated": f"w={w}"}], sample_seconds=0.01, score_seconds=0.02,
                           provenance={"evaluator": self.evaluator, "fake": "true"})
 

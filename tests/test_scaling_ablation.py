@@ -13,12 +13,12 @@ import io
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from experiments.scaling_ablation import TrainedModel, cell_config, describe_model, run_ablation
+from pipelines.eval_session import EvalResult
 from pipelines.frontier import SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +43,6 @@ def test_cell_config_sizes():
 # improve with depth (so the bigger model's frontier lies further out).
 
 
-@dataclass
-class FakeResult:
-    metrics: dict
-    samples: list
-    sample_seconds: float
-    score_seconds: float
-    provenance: dict
-
-
 class DepthSession:
     def __init__(self, checkpoint, *, log_path=None, **kw):
         self.depth = int(re.search(r"tiny-(\d+)", checkpoint).group(1))
@@ -61,7 +52,7 @@ class DepthSession:
         w = float(sample_cfg.sc_cfg)
         with open(self.log_path, "a") as f:
             f.write(f"done depth={self.depth} w={w:g}\n")
-        return FakeResult({"gen_ppl": 100.0 / self.depth - 5 * w, "entropy": 4.0 - 0.2 * w + 0.1 * self.depth},
+        return EvalResult({"gen_ppl": 100.0 / self.depth - 5 * w, "entropy": 4.0 - 0.2 * w + 0.1 * self.depth},
                           [], 0.01, 0.02, {})
 
 
