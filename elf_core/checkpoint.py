@@ -12,7 +12,7 @@ Layout of a checkpoint directory (design.md "Checkpoints")::
 Atomicity: everything is written into a hidden temp sibling (``.<name>.tmp-<id>``), fsync'ed, then
 renamed into place; ``meta.json`` is written last, so a directory without it is not a checkpoint.
 A crash at any point leaves the previous checkpoint loadable, and
-:func:`elf_core.checkpoint_dirs.latest_checkpoint` never picks a hidden or incomplete directory. Every load error names the file at fault; a failed load
+the run listing (``pipelines.checkpoints``) never picks a hidden or incomplete directory. Every load error names the file at fault; a failed load
 raises — it never silently starts from scratch (the official port does, pt:train.py:252-254).
 """
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file as _st_load_file, save_file as _st_save_file
 
+from elf_core.errors import ElfError
 from elf_core.config import ConfigError, ExperimentConfig, ModelConfig, from_yaml_text, to_yaml
 from elf_core.network import ELFNetwork, count_parameters
 from elf_core.parallel import is_sharded, load_full_model_state, shard_optimizer_state
@@ -46,7 +47,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NON_ARCH_FIELDS = {"preset", "gradient_checkpointing"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ElfError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file (and key) at fault."""
 
 
@@ -208,12 +209,15 @@ def save_checkpoint(
     extra: Optional[Mapping[str, Any]] = None,
     model_state: Optional[Mapping[str, torch.Tensor]] = None,
     optimizer_state: Optional[Mapping[str, Any]] = None,
+    run: Optional[Mapping[str, str]] = None,
 ) -> Path:
     """Write a checkpoint directory atomically and return its path.
 
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``:
-    an FSDP2-sharded model must pass them, gathered on every rank with
-    :func:`elf_core.parallel.full_tensors` / ``full_optimizer_state`` (checkpoints are always unsharded).
+    an FSDP2-sharded model must pass them, gathered to one rank with
+    :func:`elf_core.parallel.gather_full_state` (checkpoints are always unsharded).
+    ``run`` (e.g. ``{"name": ..., "mlflow_run_id": ...}``) is recorded in ``meta.json`` as ``run``: which
+    run wrote the checkpoint, readable without loading any tensor (also from object storage).
 
     If ``directory`` already holds a checkpoint it is replaced (the old one stays until the new one
     is complete); a non-empty directory that is *not* a checkpoint is refused rather than deleted.
@@ -231,7 +235,7 @@ def save_checkpoint(
             raise CheckpointError(f"{target}: the config does not describe the model being saved:\n  " + "\n  ".join(diffs))
     if model_state is None and is_sharded(inner):
         raise CheckpointError(f"{target}: the model is FSDP2-sharded; pass model_state= (and optimizer_state=) "
-                              "gathered with elf_core.parallel.full_tensors on every rank")
+                              "gathered with elf_core.parallel.gather_full_state")
     weights = _tensors_for_file(model_state if model_state is not None else inner.state_dict(), f"{target}/{MODEL_FILE}")
     ema = _tensors_for_file(ema_state, f"{target}/{EMA_FILE}") if ema_state is not None else None
     if ema is not None:
@@ -285,6 +289,8 @@ def save_checkpoint(
             "has_ema": ema is not None,
             "file_sizes": {name: (tmp / name).stat().st_size for name in files},
         }
+        if run:
+            meta["run"] = {str(k): str(v) for k, v in run.items()}
         with open(tmp / META_FILE, "w") as f:  # written last: its presence marks a complete checkpoint
             json.dump(meta, f, indent=2)
             f.flush()

@@ -16,8 +16,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from elf_core.errors import ElfError
+from elf_core.validation import check_values, ranged
 
-class ConfigError(ValueError):
+
+class ConfigError(ElfError, ValueError):
     """A config that cannot be used; the message names the key and where it came from."""
 
 
@@ -32,22 +35,27 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+PRESET_NAMES = tuple(MODEL_PRESETS)
+_POS = dict(ge=1)  # a count: at least 1
+_PROB = dict(ge=0.0, le=1.0)
+
+
 @dataclass
 class ModelConfig:
     """The ELF transformer. ``depth``/``hidden_size``/``num_heads`` default to the preset's."""
 
-    preset: str = "ELF-B"
-    depth: Optional[int] = None
-    hidden_size: Optional[int] = None
-    num_heads: Optional[int] = None
-    mlp_ratio: float = 4.0  # SwiGLU hidden F = int(H * mlp_ratio * 2/3)
-    bottleneck_dim: int = 128
-    num_time_tokens: int = 4
-    num_sc_cfg_tokens: int = 4
-    num_mode_tokens: int = 4
-    freq_embed_dim: int = 256  # sinusoidal features fed to the time / SC-CFG MLPs
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    preset: str = ranged("ELF-B", choices=PRESET_NAMES)
+    depth: Optional[int] = ranged(None, **_POS)
+    hidden_size: Optional[int] = ranged(None, **_POS)
+    num_heads: Optional[int] = ranged(None, **_POS)
+    mlp_ratio: float = ranged(4.0, gt=0)  # SwiGLU hidden F = int(H * mlp_ratio * 2/3)
+    bottleneck_dim: int = ranged(128, **_POS)
+    num_time_tokens: int = ranged(4, ge=0)
+    num_sc_cfg_tokens: int = ranged(4, ge=0)
+    num_mode_tokens: int = ranged(4, ge=0)
+    freq_embed_dim: int = ranged(256, ge=2)  # sinusoidal features fed to the time / SC-CFG MLPs
+    rope_theta: float = ranged(10000.0, gt=0)
+    norm_eps: float = ranged(1e-6, gt=0)
     gradient_checkpointing: bool = False
 
 
@@ -58,15 +66,15 @@ class EncoderConfig:
     name: str = "t5-small"  # HF hub name or local directory; T5 -> T5EncoderModel, else AutoModel
     tokenizer: Optional[str] = None  # None: the encoder's own (t5-small resolves to the vendored copy)
     latent_mean: float = 0.0
-    latent_std: float = 0.2
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
+    latent_std: float = ranged(0.2, gt=0)
+    dtype: str = ranged("auto", choices=("auto", "float32", "bfloat16"))  # auto: bf16 on CUDA, fp32 on CPU
 
 
 @dataclass
 class DataConfig:
     """Where training text comes from and how rows are built (reference §2.1)."""
 
-    task: str = "unconditional"  # unconditional | conditional
+    task: str = ranged("unconditional", choices=("unconditional", "conditional"))
     source: str = "bundled:sotu"  # bundled:sotu | HF hub name | load_from_disk dir | .jsonl | .txt
     eval_source: Optional[str] = None
     split: str = "train"
@@ -74,48 +82,48 @@ class DataConfig:
     text_field: str = "text"  # unconditional raw text
     input_field: str = "input"  # conditional raw source text
     target_field: str = "target"  # conditional raw target text
-    max_length: int = 1024
-    max_input_length: Optional[int] = None  # conditional: condition truncated to this
-    pad_token: str = "pad"  # pad (id of <pad>, masked from the loss) | eos (supervised EOS tail)
+    max_length: int = ranged(1024, **_POS)
+    max_input_length: Optional[int] = ranged(None, **_POS)  # conditional: condition truncated to this
+    pad_token: str = ranged("pad", choices=("pad", "eos"))  # pad (masked from the loss) | eos (supervised EOS tail)
     cache_dir: str = ".cache/elf_lab/data"
-    max_rows: Optional[int] = None  # keep only the first N rows (quick experiments)
+    max_rows: Optional[int] = ranged(None, **_POS)  # keep only the first N rows (quick experiments)
 
 
 @dataclass
 class FlowConfig:
     """The flow-matching objective (spec §3, reference §2.4)."""
 
-    time_schedule: str = "logit_normal"  # logit_normal | uniform
+    time_schedule: str = ranged("logit_normal", choices=("logit_normal", "uniform"))
     p_mean: float = -1.5  # t = sigmoid(N(p_mean, p_std))
-    p_std: float = 0.8
-    noise_scale: float = 2.0  # z = t x + (1 - t) noise_scale eps
-    t_eps: float = 0.05  # v = (x - z) / max(1 - t, t_eps)
-    decoder_prob: float = 0.2
-    decoder_noise_scale: float = 5.0
+    p_std: float = ranged(0.8, gt=0)
+    noise_scale: float = ranged(2.0, gt=0)  # z = t x + (1 - t) noise_scale eps
+    t_eps: float = ranged(0.05, gt=0, le=1)  # v = (x - z) / max(1 - t, t_eps)
+    decoder_prob: float = ranged(0.2, **_PROB)
+    decoder_noise_scale: float = ranged(5.0, ge=0)
     decoder_p_mean: float = 0.8
-    decoder_p_std: float = 0.8
-    self_cond_prob: float = 0.5
-    sc_cfg_min: float = 0.5  # 1 + w log-uniform on [1 + min, 1 + max]
-    sc_cfg_max: float = 5.0
-    label_drop_prob: float = 0.0  # conditional CFG training
+    decoder_p_std: float = ranged(0.8, gt=0)
+    self_cond_prob: float = ranged(0.5, **_PROB)
+    sc_cfg_min: float = ranged(0.5, gt=-1)  # 1 + w log-uniform on [1 + min, 1 + max]
+    sc_cfg_max: float = ranged(5.0, gt=-1)
+    label_drop_prob: float = ranged(0.0, **_PROB)  # conditional CFG training
 
 
 @dataclass
 class OptimConfig:
     """Muon (2-D params) + Nesterov-Adam (the rest), warmup, clipping, EMA (reference §2.6)."""
 
-    blr: float = 1e-3  # lr = blr * global_batch_size / 256 unless lr is set
-    lr: Optional[float] = None
-    warmup_steps: int = 5000
-    warmup_epochs: Optional[float] = 0.5  # when set, overrides warmup_steps
-    muon_momentum: float = 0.95
-    muon_ns_steps: int = 5
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
+    blr: float = ranged(1e-3, gt=0)  # lr = blr * global_batch_size / 256 unless lr is set
+    lr: Optional[float] = ranged(None, gt=0)
+    warmup_steps: int = ranged(5000, ge=0)
+    warmup_epochs: Optional[float] = ranged(0.5, ge=0)  # when set, overrides warmup_steps
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)
+    muon_ns_steps: int = ranged(5, **_POS)
+    adam_b1: float = ranged(0.9, ge=0, lt=1)
+    adam_b2: float = ranged(0.999, ge=0, lt=1)
+    adam_eps: float = ranged(1e-8, gt=0)
+    weight_decay: float = ranged(0.0, ge=0, le=0)  # the paper uses none; the optimizer has none
+    grad_clip: float = ranged(1.0, gt=0)
+    ema_decay: float = ranged(0.9999, ge=0, lt=1)
     # Names of 2-D parameters to put on Adam instead of Muon. The paper: none (Muon for every 2-D
     # parameter). The CPU default lists the 30k-way ``unembed_kernel``: Newton–Schulz on it costs
     # ~90 GFLOP per step, ~4 s on one core, more than the rest of a tiny step.
@@ -126,16 +134,16 @@ class OptimConfig:
 class TrainConfig:
     """Run length, batching, precision, logging and checkpoint cadence."""
 
-    global_batch_size: int = 512
-    epochs: float = 5.0
-    max_steps: Optional[int] = None  # when set, overrides epochs
-    grad_accum_steps: int = 1
-    seed: int = 42
+    global_batch_size: int = ranged(512, **_POS)
+    epochs: float = ranged(5.0, gt=0)
+    max_steps: Optional[int] = ranged(None, **_POS)  # when set, overrides epochs
+    grad_accum_steps: int = ranged(1, **_POS)
+    seed: int = ranged(42, ge=0)
     bf16: bool = True  # autocast on CUDA only
     compile: bool = False
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
+    log_every: int = ranged(100, **_POS)
+    checkpoint_every: int = ranged(1000, **_POS)
+    keep_checkpoints: int = ranged(3, **_POS)  # complete checkpoints kept over all attempts of a run
     output_dir: str = "outputs"
 
 
@@ -143,27 +151,27 @@ class TrainConfig:
 class SampleConfig:
     """One sampling operating point (spec §4). gamma = 0 or sampler = ode is the ODE."""
 
-    sampler: str = "sde"  # ode | sde
-    steps: int = 32
-    gamma: float = 1.5
-    sc_cfg: float = 3.0  # self-conditioning CFG scale w
-    cfg: float = 1.0  # conditional CFG scale c
-    grid: str = "logit_normal"  # logit_normal | uniform
-    num_samples: int = 1000
-    batch_size: int = 64
-    seed: int = 0
+    sampler: str = ranged("sde", choices=("ode", "sde"))
+    steps: int = ranged(32, **_POS)
+    gamma: float = ranged(1.5, ge=0)
+    sc_cfg: float = ranged(3.0, ge=0)  # self-conditioning CFG scale w
+    cfg: float = ranged(1.0, ge=0)  # conditional CFG scale c
+    grid: str = ranged("logit_normal", choices=("logit_normal", "uniform"))
+    num_samples: int = ranged(1000, **_POS)
+    batch_size: int = ranged(64, **_POS)
+    seed: int = ranged(0, ge=0)
 
 
 @dataclass
 class RayConfig:
     """How ``pipelines/train.py`` runs on Ray Train (ignored by elf_core itself)."""
 
-    num_workers: int = 2
-    use_gpu: str = "auto"  # auto (GPU when the cluster has one) | "true" | "false"
-    cpus_per_worker: int = 1
-    strategy: str = "ddp"  # ddp (full replica per worker) | fsdp2 (sharded params/grads/optimizer state; ELF-M/L)
+    num_workers: int = ranged(2, **_POS)
+    use_gpu: str = ranged("auto", choices=("auto", "true", "false"))  # auto: GPU when the cluster has one
+    cpus_per_worker: int = ranged(1, **_POS)
+    strategy: str = ranged("ddp", choices=("ddp", "fsdp2"))  # fsdp2: sharded params/grads/optimizer state
     storage_path: str = "outputs/ray"  # local dir, NFS mount or s3://… ; relative = under the project
-    max_failures: int = 2  # Ray Train restarts from the latest checkpoint this many times
+    max_failures: int = ranged(2, ge=0)  # Ray Train restarts from the latest checkpoint this many times
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray instance
 
 
@@ -174,7 +182,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns/mlflow.db
     experiment: str = "elf/local"
     registered_model: Optional[str] = None  # None: "elf-" + name
-    log_samples: int = 8  # samples generated and logged at the start and the end of training
+    log_samples: int = ranged(8, ge=0)  # samples generated and logged at the start and the end of training
 
 
 @dataclass
@@ -194,18 +202,6 @@ class ExperimentConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-_CHOICES = {
-    "data.task": ("unconditional", "conditional"),
-    "data.pad_token": ("pad", "eos"),
-    "flow.time_schedule": ("logit_normal", "uniform"),
-    "sample.sampler": ("ode", "sde"),
-    "sample.grid": ("logit_normal", "uniform"),
-    "encoder.dtype": ("auto", "float32", "bfloat16"),
-    "ray.use_gpu": ("auto", "true", "false"),
-    "ray.strategy": ("ddp", "fsdp2"),
-}
-
-
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in fields(cls):
@@ -263,12 +259,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def resolve(cfg: ExperimentConfig, origin: str = "config") -> ExperimentConfig:
-    """Fill architecture fields from the preset and validate every value that has a valid range."""
+    """Fill architecture fields from the preset, then check every value against the rule declared
+    next to its field (:mod:`elf_core.validation`) and the rules that relate several fields."""
     m = cfg.model
-    if m.preset not in MODEL_PRESETS:
-        raise ConfigError(
-            f"{origin}: model.preset '{m.preset}' does not exist; choose one of {sorted(MODEL_PRESETS)}"
-        )
+    # `ray.use_gpu=true` on a command line arrives as a YAML boolean, stringified to "True".
+    cfg.ray.use_gpu = str(cfg.ray.use_gpu).lower()
+    check_values(cfg, origin, ConfigError)
     for k, v in MODEL_PRESETS[m.preset].items():
         if getattr(m, k) is None:
             setattr(m, k, v)
@@ -276,23 +272,8 @@ def resolve(cfg: ExperimentConfig, origin: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{origin}: model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
     if (m.hidden_size // m.num_heads) % 2:
         raise ConfigError(f"{origin}: head_dim {m.hidden_size // m.num_heads} must be even for RoPE")
-    # `ray.use_gpu=true` on a command line arrives as a YAML boolean, stringified to "True".
-    cfg.ray.use_gpu = str(cfg.ray.use_gpu).lower()
-    flat = to_flat_dict(cfg)
-    for key, allowed in _CHOICES.items():
-        if flat[key] not in allowed:
-            raise ConfigError(f"{origin}: {key}='{flat[key]}' is not one of {list(allowed)}")
-    for key in ("model.depth", "model.hidden_size", "model.num_heads", "data.max_length",
-                "train.global_batch_size", "train.grad_accum_steps", "sample.steps",
-                "sample.num_samples", "sample.batch_size", "train.log_every", "train.checkpoint_every",
-                "ray.num_workers", "ray.cpus_per_worker"):
-        if flat[key] is None or flat[key] <= 0:
-            raise ConfigError(f"{origin}: {key} must be a positive integer, got {flat[key]}")
-    for key in ("flow.decoder_prob", "flow.self_cond_prob", "flow.label_drop_prob"):
-        if not 0.0 <= flat[key] <= 1.0:
-            raise ConfigError(f"{origin}: {key} must be a probability in [0, 1], got {flat[key]}")
-    if cfg.encoder.latent_std <= 0:
-        raise ConfigError(f"{origin}: encoder.latent_std must be > 0")
+    if cfg.flow.sc_cfg_max < cfg.flow.sc_cfg_min:
+        raise ConfigError(f"{origin}: flow.sc_cfg_max ({cfg.flow.sc_cfg_max}) is below flow.sc_cfg_min ({cfg.flow.sc_cfg_min})")
     if cfg.data.task == "conditional" and cfg.data.max_input_length is None:
         raise ConfigError(f"{origin}: data.max_input_length is required for data.task=conditional")
     if cfg.data.max_input_length is not None and cfg.data.max_input_length >= cfg.data.max_length:

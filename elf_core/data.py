@@ -247,10 +247,18 @@ def build_dataset(cfg: DataConfig, tokenizer, *, split: Optional[str] = None, so
     return Dataset.from_file(str(path))
 
 
-def build_datasets(cfg: DataConfig, tokenizer, **kwargs):
-    """``(train, eval)``; eval is None when ``cfg.eval_source`` is unset."""
-    train = build_dataset(cfg, tokenizer, **kwargs)
-    evaluation = None
-    if cfg.eval_source:
-        evaluation = build_dataset(cfg, tokenizer, source=cfg.eval_source, split=cfg.eval_split, **kwargs)
-    return train, evaluation
+PROBE_ROWS = 32  # held-out rows of the quality probe (elf_core.probe)
+
+
+def training_rows(cfg, tokenizer, progress: bool = False):
+    """``(train rows, probe rows)`` of an :class:`~elf_core.config.ExperimentConfig`: the tokenised
+    dataset (cached on disk after the first build) and a fixed held-out slice for the quality probe —
+    from ``data.eval_source`` when set, else the last rows of the training set, which are then
+    excluded from training."""
+    train = build_dataset(cfg.data, tokenizer, progress=progress)
+    if cfg.data.eval_source:
+        held = build_dataset(cfg.data, tokenizer, source=cfg.data.eval_source, split=cfg.data.eval_split,
+                             progress=progress)
+        return train, held.select(range(min(PROBE_ROWS, len(held))))
+    n_probe = min(PROBE_ROWS, len(train) // 20)
+    return train.select(range(len(train) - n_probe)), train.select(range(len(train) - n_probe, len(train)))

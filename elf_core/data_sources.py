@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from elf_core.errors import ElfError
+
 log = logging.getLogger(__name__)
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
@@ -30,7 +32,7 @@ _FILE_FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".txt": "txt", ".txt.g
 _DATA_SUFFIXES = {".json", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zst", ".txt", ".jsonl"}
 
 
-class DataError(ValueError):
+class DataError(ElfError, ValueError):
     """Unusable training data; the message names the source (file, line, row, column) at fault."""
 
 

@@ -10,7 +10,7 @@ buffers (ELFNetwork has none). The decay is constant (0.9999), no warmup of the 
 ``state_dict()`` is a flat ``{param name: fp32 tensor}`` (safetensors-ready); the decay comes from
 the config. Wrapped models (DDP ``.module``, ``torch.compile`` ``._orig_mod``) are unwrapped first,
 so names never carry wrapper prefixes. Under FSDP2 the shadow holds DTensor shards like the
-parameters; ``state_dict()`` returns them live (gather with :func:`elf_core.parallel.full_tensors`)
+parameters; ``state_dict()`` returns them live (gather with :func:`elf_core.parallel.gather_full_state`)
 and ``load_state_dict`` takes full tensors and keeps this rank's shard.
 """
 

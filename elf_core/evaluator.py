@@ -34,7 +34,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from .metrics import PerplexityResult, ProgressFn, generative_perplexity, prepare_tokenizer
+from elf_core.errors import ElfError
+from elf_core.metrics import PerplexityResult, ProgressFn, generative_perplexity, prepare_tokenizer
 
 DEFAULT_EVALUATOR = "gpt2-large"
 SMOLLM2_ALIAS = "smollm2"
@@ -46,7 +47,7 @@ _SOURCE_FILE = "elf_lab_source.json"  # written into converted checkpoints: what
 LogFn = Callable[[str], None]
 
 
-class EvaluatorError(ValueError):
+class EvaluatorError(ElfError, ValueError):
     """An evaluator that cannot be loaded; the message names what was tried and what to do instead."""
 
 
@@ -203,11 +204,36 @@ def _from_pretrained(where: str, torch_dtype: torch.dtype, what: str, **kw):
     return model, tok
 
 
+AUTO_EVALUATOR = "auto"
+_AUTO_BANNER = """
+################################################################################################
+# evaluator 'auto': gpt2-large (the paper's evaluator) cannot be loaded here:
+#   {reason}
+# Using the OFFLINE PROXY 'smollm2' (SmolLM2-135M-Instruct from PyPI) instead. Its Gen PPL is NOT
+# comparable with published GPT-2 Large numbers; the run records evaluator=smollm2. Pass
+# --evaluator gpt2-large to require the paper's evaluator, or --evaluator smollm2 to silence this.
+################################################################################################"""
+
+
 def load_evaluator(name: str = DEFAULT_EVALUATOR, *, dtype: str = "float32",
                    device: Optional[torch.device | str] = None, cache_dir: Optional[str | Path] = None,
                    log: Optional[LogFn] = None) -> Evaluator:
     """Load the evaluator ``name`` (see the module docstring) in ``dtype`` on ``device`` (default: CUDA
-    when available, else CPU), in eval mode with gradients off."""
+    when available, else CPU), in eval mode with gradients off. ``auto``: gpt2-large when it can be
+    loaded (local HF cache or reachable hub), else the offline ``smollm2`` proxy, announced by a
+    banner through ``log``; the returned evaluator's ``name`` says which one it is."""
+    if str(name).strip() != AUTO_EVALUATOR:
+        return _load_named(name, dtype=dtype, device=device, cache_dir=cache_dir, log=log)
+    try:
+        return _load_named(DEFAULT_EVALUATOR, dtype=dtype, device=device, cache_dir=cache_dir, log=log)
+    except EvaluatorError as e:
+        if log is not None:
+            log(_AUTO_BANNER.format(reason=str(e).split(". Offline")[0]))
+        return _load_named(SMOLLM2_ALIAS, dtype=dtype, device=device, cache_dir=cache_dir, log=log)
+
+
+def _load_named(name: str, *, dtype: str, device: Optional[torch.device | str], cache_dir: Optional[str | Path],
+                log: Optional[LogFn]) -> Evaluator:
     if dtype not in DTYPES:
         raise EvaluatorError(f"evaluator dtype '{dtype}' is not one of {list(DTYPES)}")
     torch_dtype = DTYPES[dtype]
@@ -257,5 +283,5 @@ def load_evaluator(name: str = DEFAULT_EVALUATOR, *, dtype: str = "float32",
     return Evaluator(name=name, source=source, dtype=dtype, model=model, tokenizer=tok)
 
 
-__all__ = ["Evaluator", "EvaluatorError", "load_evaluator", "DEFAULT_EVALUATOR", "SMOLLM2_ALIAS",
+__all__ = ["Evaluator", "EvaluatorError", "load_evaluator", "DEFAULT_EVALUATOR", "SMOLLM2_ALIAS", "AUTO_EVALUATOR",
            "smollm2_gguf_path", "convert_gguf", "cached_gguf_checkpoint", "hub_reachable", "default_cache_dir"]

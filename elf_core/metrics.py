@@ -37,10 +37,12 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from elf_core.errors import ElfError
+
 ProgressFn = Callable[[int, int], None]
 
 
-class MetricsError(ValueError):
+class MetricsError(ElfError, ValueError):
     """Inputs the metrics cannot be computed on; the message says which and why."""
 
 

@@ -11,7 +11,8 @@ sharded form a rank trains with and the full form checkpoints are written in.
   Parameters stay fp32 (bf16 comes from autocast, as in the official port), so an FSDP2 step computes
   the same update as a DDP step up to float summation order.
 
-Checkpoints are always written unsharded (:func:`full_tensors`, a collective every rank must call),
+Checkpoints are always written unsharded (:func:`gather_full_state`: a collective under FSDP2 that
+leaves the full state on rank 0 only, in CPU memory),
 so a checkpoint written by an FSDP2 run loads in a DDP run, on one process or in evaluation, and the
 other way round; :func:`load_full_model_state` / :func:`shard_optimizer_state` put full tensors back
 into whatever form the live model has.
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -97,15 +99,69 @@ def to_scalar(t: torch.Tensor | float) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Full <-> sharded state
-def full_tensors(state: Mapping[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """``state`` with every DTensor all-gathered into a plain tensor on ``device`` (other values as
-    they are). A collective when anything is sharded: every rank calls it with the same keys."""
-    out: dict[str, Any] = {}
-    for k, v in state.items():
-        if is_dtensor(v):
-            v = v.full_tensor()
-        out[k] = v.detach().to(device) if isinstance(v, torch.Tensor) else v
-    return out
+@dataclass
+class FullState:
+    """A rank-0 copy of the whole training state in the unsharded form checkpoints are written in.
+    ``optimizer`` is ``optimizer.state_dict()``'s id-keyed form; ``ema`` holds the EMA shadows."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: Optional[dict[str, Any]] = None
+    ema: Optional[dict[str, torch.Tensor]] = None
+
+
+_FULL_ON_RANK0 = None  # StateDictOptions(full_state_dict=True, cpu_offload=True), built on first use
+
+
+def _full_options():
+    global _FULL_ON_RANK0
+    if _FULL_ON_RANK0 is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # full_state_dict + cpu_offload: shards are gathered to rank 0 only, straight into CPU memory;
+        # every other rank gets an empty dict (torch.distributed.checkpoint.state_dict docs).
+        _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _FULL_ON_RANK0
+
+
+def _id_keyed(fqn_state: Mapping[str, Any], optimizer: torch.optim.Optimizer, net: nn.Module) -> dict[str, Any]:
+    """DCP's parameter-name-keyed optimizer state in ``optimizer.state_dict()``'s form: parameters
+    numbered in param-group order, as ``torch.optim.Optimizer.state_dict`` numbers them."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return {"state": {index[k]: dict(v) for k, v in fqn_state["state"].items()},
+            "param_groups": [{**g, "params": [index[k] for k in g["params"]]} for g in fqn_state["param_groups"]]}
+
+
+def gather_full_state(net: nn.Module, *, rank: int, optimizer: Optional[torch.optim.Optimizer] = None,
+                      ema: Any = None) -> Optional[FullState]:
+    """The full model state (plus, when given, the optimizer state and the EMA shadows) on rank 0;
+    None on every other rank.
+
+    FSDP2 (sharded ``net``): a collective every rank must call. Shards are gathered to rank 0 only,
+    offloaded to CPU as they arrive (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+    ``full_state_dict=True, cpu_offload=True``), so no rank but 0 ever holds a full tensor. The EMA is
+    gathered by swapping it into the sharded parameters for the gather. Unsharded (DDP or one
+    process): every replica is identical, so rank 0 returns its live state (no copies) and the other
+    ranks nothing, without communication.
+    """
+    if not is_sharded(net):
+        if rank != 0:
+            return None
+        return FullState(dict(net.state_dict()), optimizer.state_dict() if optimizer is not None else None,
+                         ema.state_dict() if ema is not None else None)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _full_options()
+    model = get_model_state_dict(net, options=opts)
+    optim = get_optimizer_state_dict(net, optimizer, options=opts) if optimizer is not None else None
+    shadows = None
+    if ema is not None:
+        with ema.swapped_in(net):
+            swapped = get_model_state_dict(net, options=opts)
+        shadows = {k: swapped[k].to(torch.float32) for k in ema.state_dict()} if rank == 0 else None
+    if rank != 0:
+        return None
+    return FullState(model, _id_keyed(optim, optimizer, net) if optim is not None else None, shadows)
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -137,12 +193,6 @@ def load_full_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], o
         p.copy_(shard_like(state[name], p))
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with sharded state all-gathered (collective when sharded)."""
-    sd = optimizer.state_dict()
-    return {"state": {i: full_tensors(s) for i, s in sd["state"].items()}, "param_groups": sd["param_groups"]}
-
-
 def shard_optimizer_state(optimizer: torch.optim.Optimizer, full: Mapping[str, Any]) -> dict[str, Any]:
     """A full optimizer state dict reshaped for ``optimizer``'s (possibly sharded) parameters: every
     tensor shaped like its parameter becomes that parameter's shard; scalars stay. Load the result
@@ -157,4 +207,4 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, full: Mapping[str, A
 
 
 __all__ = ["STRATEGIES", "wrap_for_training", "set_gradient_sync", "is_sharded", "is_dtensor", "to_scalar",
-           "full_tensors", "shard_like", "load_full_model_state", "full_optimizer_state", "shard_optimizer_state"]
+           "FullState", "gather_full_state", "shard_like", "load_full_model_state", "shard_optimizer_state"]

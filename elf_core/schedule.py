@@ -68,3 +68,11 @@ def resolve_warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
     if cfg.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps must be >= 0 when optim.warmup_epochs is null, got {cfg.warmup_steps}")
     return int(cfg.warmup_steps)
+
+
+def total_steps(cfg, steps_per_epoch: int) -> int:
+    """Run length in optimizer steps of an :class:`~elf_core.config.ExperimentConfig`:
+    ``train.max_steps`` if set, else ``train.epochs × steps_per_epoch`` (at least 1)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return max(1, int(round(cfg.train.epochs * steps_per_epoch)))

@@ -9,39 +9,35 @@ shows a progress bar. Prints the rows, the cache files and the steps per epoch t
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines import cli
+from pipelines.infra.paths import DEFAULT_CONFIG, absolutise
 
-from pipelines.train import DEFAULT_CONFIG, absolutise  # noqa: E402
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: Sequence[str]) -> int:
+    p = cli.parser("pipelines/prepare_data.py", __doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="experiment YAML")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    cli.add_flags(p, "overrides")
     args = p.parse_args(argv)
-    from elf_core.config import ConfigError, load_config
-    from elf_core.data_sources import DataError
-    from elf_core.encoder import EncoderError, load_tokenizer
-    from pipelines.train_worker import training_rows
+    from elf_core.config import load_config
+    from elf_core.data import training_rows
+    from elf_core.encoder import load_tokenizer
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        absolutise(cfg)
-        tokenizer = load_tokenizer(cfg.encoder.tokenizer or cfg.encoder.name)
-        train, probe = training_rows(cfg, tokenizer, progress=True)
-    except (ConfigError, DataError, EncoderError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    files = sorted({f["filename"] for f in getattr(train, "cache_files", [])})
+    cfg = load_config(args.config, args.overrides)
+    absolutise(cfg)
+    train, probe = training_rows(cfg, load_tokenizer(cfg.encoder.tokenizer or cfg.encoder.name), progress=True)
     print(f"{len(train):,} training rows + {len(probe):,} held-out probe rows of {cfg.data.max_length} tokens; "
           f"{len(train) // cfg.train.global_batch_size:,} steps/epoch at global batch {cfg.train.global_batch_size}")
-    for f in files:
+    for f in sorted({f["filename"] for f in getattr(train, "cache_files", [])}):
         print(f"cached: {f}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run_main(_main, argv)
 
 
 if __name__ == "__main__":

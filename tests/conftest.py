@@ -108,7 +108,7 @@ class LocalRay:
         self.start()
 
     def start(self) -> None:
-        from pipelines.ray_env import init_ray
+        from pipelines.infra.ray_env import init_ray
 
         self.session = init_ray(
             address="local",
@@ -187,7 +187,7 @@ def _ray_cpus_released(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def _mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty, fully migrated MLflow SQLite database, created once per session."""
-    from pipelines.tracking import make_client
+    from pipelines.tracking.store import make_client
 
     db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     make_client(f"sqlite:///{db}").search_experiments(max_results=1)

@@ -1,4 +1,6 @@
-"""ELF Lab checkpoints (elf_core.checkpoint): bit-exact round trips, atomicity, corruption, rotation."""
+"""ELF Lab checkpoints (elf_core.checkpoint): bit-exact round trips, atomicity, corruption. Whether a
+crash leaves a directory that the run's checkpoint listing (:mod:`pipelines.checkpoints`, the one
+resolver) would pick up is checked here too, with that listing."""
 
 from __future__ import annotations
 
@@ -12,11 +14,17 @@ from safetensors import safe_open
 
 import elf_core.checkpoint as ck
 from elf_core.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
-from elf_core.checkpoint_dirs import latest_checkpoint, rotate_checkpoints
 from elf_core.config import ExperimentConfig, ModelConfig, resolve
 from elf_core.network import ELFNetwork, count_parameters
+from pipelines.checkpoints import newest_checkpoint
 
 D, V = 16, 50
+
+
+def latest_checkpoint(root):
+    """The newest complete checkpoint under ``root`` as the run listing finds it (a Path, or None)."""
+    found = newest_checkpoint(root)
+    return None if found is None else type(root)(found.location)
 
 
 
@@ -349,28 +357,3 @@ def test_invalid_inputs_to_save(tmp_path):
     with pytest.raises(CheckpointError, match=r"EMA entries that are not model parameters: \['bogus'\]"):
         save_checkpoint(tmp_path / "a", model=model, config=cfg, step=1, ema_state={"bogus": torch.zeros(1)})
     assert not (tmp_path / "a").exists() and _no_hidden_leftovers(tmp_path)
-
-
-# ----------------------------------------------------------------------------------------------
-def test_latest_is_by_step_not_by_name(tmp_path):
-    simple_save(tmp_path / "step_9", step=9)
-    simple_save(tmp_path / "step_10", step=10)
-    simple_save(tmp_path / "zzz", step=2)
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_10"
-    assert latest_checkpoint(tmp_path / "missing") is None
-
-
-def test_rotation_keeps_newest_and_protected(tmp_path):
-    cfg = make_config()
-    model = make_model(cfg)
-    for step in (10, 20, 30, 40, 50):
-        save_checkpoint(checkpoint_path(tmp_path, step), model=model, config=cfg, step=step)
-    removed = rotate_checkpoints(tmp_path, keep=2, protect=[checkpoint_path(tmp_path, 10)])
-    assert removed == [checkpoint_path(tmp_path, 20), checkpoint_path(tmp_path, 30)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000010", "step_00000040", "step_00000050"]
-    assert rotate_checkpoints(tmp_path, keep=2, protect=[checkpoint_path(tmp_path, 10)]) == []
-    assert rotate_checkpoints(tmp_path, keep=1) == [checkpoint_path(tmp_path, 10), checkpoint_path(tmp_path, 40)]
-    assert latest_checkpoint(tmp_path) == checkpoint_path(tmp_path, 50)
-    assert load_checkpoint(latest_checkpoint(tmp_path)).step == 50
-    with pytest.raises(ValueError, match="keep must be >= 1"):
-        rotate_checkpoints(tmp_path, keep=0)

@@ -14,7 +14,7 @@ import torch
 import elf_core.data as data_mod
 from elf_core.collate import Collator, pairwise_encoder_mask
 from elf_core.config import DataConfig
-from elf_core.data import Packer, build_dataset, build_datasets
+from elf_core.data import Packer, build_dataset
 from elf_core.data_sources import BUNDLED, DataError, looks_like_saved_arrow
 from elf_core.encoder import load_tokenizer
 
@@ -204,7 +204,8 @@ def test_save_to_disk_sources(tmp_path, tok, rows, monkeypatch):
                 ).save_to_disk(str(raw))
     # raw text in a DatasetDict: split chosen by name and tokenised
     cfg = _cfg(tmp_path, source=str(raw), max_length=8, eval_source=str(raw))
-    train, val = build_datasets(cfg, tok, progress=False)
+    train = build_dataset(cfg, tok, progress=False)
+    val = build_dataset(cfg, tok, source=cfg.eval_source, split=cfg.eval_split, progress=False)
     assert [t for r in train["input_ids"][:2] for t in r] == [t for d in DOCS for t in _tokens(tok, d)][:16]
     assert val["input_ids"][0] == [t for d in DOCS[::-1] for t in _tokens(tok, d)][:8]
     with pytest.raises(DataError, match=r"raw: no split 'test'; available splits: \['train', 'validation'\]"):

@@ -174,3 +174,26 @@ def test_unreachable_encoder_names_what_was_tried(monkeypatch, tmp_path):
 def test_too_long_for_absolute_positions(minilm):
     with pytest.raises(EncoderError, match=r"'minilm' has 512 positions; rows of 513"):
         minilm.encode(torch.zeros(1, 513, dtype=torch.long), torch.ones(1, 513, 513, dtype=torch.bool))
+
+
+def test_masked_minilm_latents_are_pinned(minilm):
+    """The latents of a pairwise-masked batch, pinned to the values measured with SDPA attention
+    (transformers 5.24, torch 2.13 CPU). Under ``attn_implementation="eager"`` the boolean mask is
+    added to the scores as 0/1 and these numbers move by up to 1.16: the test catches that (and any
+    other change of the masked latents, e.g. a transformers upgrade)."""
+    from elf_core.collate import pairwise_encoder_mask
+
+    assert minilm.model.config._attn_implementation == "sdpa"
+    tok, S = minilm.tokenizer, 12
+    x = torch.zeros(2, S, dtype=torch.long)
+    for i, text in enumerate(["the state of the union is strong", "we hold these truths"]):
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [minilm.eos_id]
+        x[i, :len(ids)] = torch.tensor(ids[:S])
+    cond = torch.zeros(2, S, dtype=torch.bool)
+    cond[:, :3] = True  # the first three tokens play the condition: they see only each other
+    h = minilm.encode(x, pairwise_encoder_mask(cond, x != 0))
+    assert h.sum().item() == pytest.approx(71.5538330078125, abs=2e-3)
+    torch.testing.assert_close(h[0, :2, :4], torch.tensor([[-0.026048608, 0.094869696, 0.068451092, 0.143082023],
+                                                           [-0.133034140, 0.258064538, 0.169041097, 0.386434108]]),
+                               atol=2e-5, rtol=0)
+    torch.testing.assert_close(h[1, 4, :3], torch.tensor([-0.387433380, 1.071206450, 0.027557747]), atol=2e-5, rtol=0)

@@ -17,8 +17,7 @@ from elf_core.checkpoint import load_checkpoint, save_checkpoint
 from elf_core.config import load_config
 from elf_core.network import ELFNetwork
 from elf_core.optim import build_optimizer
-from elf_core.parallel import (full_optimizer_state, full_tensors, is_sharded, shard_like,
-                               wrap_for_training)
+from elf_core.parallel import gather_full_state, is_dtensor, is_sharded, shard_like, wrap_for_training
 from elf_core.trainer import ELFTrainer
 
 D, V, B, S = 16, 50, 8, 12
@@ -74,15 +73,18 @@ def _worker(rank: int, world: int, port: int, strategy: str, steps: int, out: st
         while tr.step_count < steps:
             losses.append(tr.step(_batch(rank, tr.step_count))["loss"])
             if tr.step_count == save_at:
-                full = dict(model_state=full_tensors(tr.net.state_dict()),
-                            optimizer_state=full_optimizer_state(tr.optimizer))
-                ema = full_tensors(tr.ema.state_dict())
+                full = gather_full_state(tr.net, rank=rank, optimizer=tr.optimizer, ema=tr.ema)
                 if rank == 0:
-                    save_checkpoint(Path(out).with_suffix(".ckpt"), model=tr.net, config=tr.cfg, ema_state=ema,
-                                    optimizer=tr.optimizer, scheduler=tr.scheduler, step=tr.step_count, **full)
-        weights, ema = full_tensors(tr.net.state_dict()), full_tensors(tr.ema.state_dict())
+                    save_checkpoint(Path(out).with_suffix(".ckpt"), model=tr.net, config=tr.cfg, ema_state=full.ema,
+                                    optimizer=tr.optimizer, scheduler=tr.scheduler, step=tr.step_count,
+                                    model_state=full.model, optimizer_state=full.optimizer)
+                else:  # what rank 1 holds after the save's gather: nothing at all
+                    torch.save({"gathered": full}, Path(out).with_suffix(".rank1"))
+        full = gather_full_state(tr.net, rank=rank, ema=tr.ema)
         if rank == 0:
-            torch.save({"losses": losses, "weights": weights, "ema": ema}, out)
+            assert all(type(t) is torch.Tensor and t.device.type == "cpu" for t in full.model.values())
+            torch.save({"losses": losses, "weights": full.model, "ema": full.ema,
+                        "live_is_dtensor": any(is_dtensor(p) for p in tr.net.parameters())}, out)
     finally:
         dist.destroy_process_group()
 
@@ -120,6 +122,16 @@ def test_fsdp2_matches_ddp(runs):
     # Same update up to float summation order (reduce-scatter vs all-reduce): measured 1.2e-7.
     assert _max_diff(ddp["weights"], fsdp["weights"]) < 1e-5
     assert _max_diff(ddp["ema"], fsdp["ema"]) < 1e-5
+
+
+def test_fsdp2_save_gathers_the_full_state_to_rank0_only(runs):
+    tmp, r = runs
+    assert r["fsdp2"]["live_is_dtensor"]  # the ranks trained on shards...
+    assert torch.load(tmp / "fsdp2.rank1")["gathered"] is None  # ...and rank 1 kept no full copy of anything
+    # rank 0's gathered optimizer state is the id-keyed form optimizer.state_dict() has
+    saved = load_checkpoint(tmp / "fsdp2.ckpt").optimizer_state
+    assert sorted(saved["state"]) == list(range(len(saved["state"])))
+    assert [i for g in saved["param_groups"] for i in g["params"]] == sorted(saved["state"])
 
 
 def test_fsdp2_checkpoint_is_full_and_resumes_exactly(runs):

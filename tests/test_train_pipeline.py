@@ -14,7 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from elf_core.config import load_config
-from pipelines import train
+from pipelines import checkpoints, train
+from pipelines.infra.paths import DEFAULT_CONFIG, absolutise
+from pipelines.training import driver
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -28,10 +30,10 @@ pytestmark = pytest.mark.integration
 
 
 def _cfg(name: str, tmp: Path, uri: str, *extra: str):
-    cfg = load_config(train.DEFAULT_CONFIG, FAST + [
+    cfg = load_config(DEFAULT_CONFIG, FAST + [
         f"name={name}", f"tracking.uri={uri}", f"ray.storage_path={tmp / 'ray'}",
         f"train.output_dir={tmp / 'out'}", f"data.cache_dir={tmp.parent / 'data-cache'}", *extra])
-    train.absolutise(cfg)
+    absolutise(cfg)
     return cfg
 
 
@@ -41,10 +43,12 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 def _run(name, tmp, uri, *extra: str, **kw) -> str:
-    assert train.run(_cfg(name, tmp, uri, *extra), **kw) == 0
+    outcome = driver.run(_cfg(name, tmp, uri, *extra), **kw)
+    assert outcome.action == "trained"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("elf/local")
     (run,) = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    assert run.info.run_id == outcome.run_id
     return run.info.run_id
 
 
@@ -76,8 +80,10 @@ def test_two_workers_learn_and_everything_lands_in_mlflow(shared, reference):
     assert all(math.isfinite(v) for v in loss.values())
     for key in ("ce", "l2", "lr", "grad_norm", "tokens_per_s", "step_time_s", "decode_acc"):
         assert key in run.data.metrics, key
-    m = run.data.metrics
-    assert m["probe_end/loss"] < 0.98 * m["probe_start/loss"]  # measured: 3.75 -> 3.62 in 8 steps
+    probe = _history(client, reference, "probe/loss")  # one series: at step 0 and at the end
+    assert sorted(probe) == [0, STEPS]
+    assert probe[STEPS] < 0.98 * probe[0]  # measured: 3.75 -> 3.62 in 8 steps
+    assert sorted(_history(client, reference, "probe/clean_decode_acc")) == [0, STEPS]
     # artifacts: resolved config, samples, checkpoint; a registered model version with alias "last"
     arts = {a.path for a in client.list_artifacts(reference, "samples")}
     assert {"samples/final.jsonl", "samples/start.jsonl"} <= arts
@@ -86,9 +92,9 @@ def test_two_workers_learn_and_everything_lands_in_mlflow(shared, reference):
     assert {"model.safetensors", "ema.safetensors", "config.yaml", "meta.json"} <= ckpt_files
     mv = client.get_model_version_by_alias("elf-reference", "last")
     assert mv.run_id == reference
-    # checkpoints: kept 3 at most (train.keep_checkpoints default), the newest at the last step
-    ckpts = train.run_checkpoints(tmp / "reference" / "ray", "reference")
-    assert ckpts[-1][0] == STEPS
+    # checkpoints: the newest at the last step, and it records its MLflow run
+    ckpts = checkpoints.list_checkpoints(tmp / "reference" / "ray" / "reference")
+    assert ckpts[-1].step == STEPS and ckpts[-1].run_record["mlflow_run_id"] == reference
 
 
 @pytest.mark.parametrize("failure", ["exception@6", "exit@6"])
@@ -122,10 +128,9 @@ def test_fsdp2_workers_follow_the_ddp_run_through_a_worker_death(shared, referen
     for step in range(1, STEPS + 1):
         assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4, abs=1e-5), step
     ref_m = client.get_run(reference).data.metrics
-    assert run.data.metrics["probe_end/loss"] == pytest.approx(ref_m["probe_end/loss"], rel=1e-4)
+    assert run.data.metrics["probe/loss"] == pytest.approx(ref_m["probe/loss"], rel=1e-4)
     assert any((tmp / "fsdp2" / "out" / "fsdp2" / "failure-markers").iterdir())
-    ckpts = train.run_checkpoints(tmp / "fsdp2" / "ray", "fsdp2")
-    assert ckpts[-1][0] == STEPS
+    assert checkpoints.newest_checkpoint(tmp / "fsdp2" / "ray" / "fsdp2").step == STEPS
 
 
 def test_bad_inputs_fail_fast_with_one_message(shared, capsys):
@@ -133,9 +138,11 @@ def test_bad_inputs_fail_fast_with_one_message(shared, capsys):
     argv = [f"tracking.uri={uri}", f"ray.storage_path={tmp / 'bad'}"]
     assert train.main(["model.dpeth=3"]) == 2
     assert "unknown config key 'model.dpeth'" in capsys.readouterr().err
-    assert train.main(argv + ["data.source=/nonexistent/corpus.jsonl"]) == 1
+    assert train.main(argv + ["data.source=/nonexistent/corpus.jsonl"]) == 2
     assert "/nonexistent/corpus.jsonl" in capsys.readouterr().err
-    assert train.main(argv + FAST + ["ray.num_workers=64"]) == 1
+    assert train.main(argv + FAST + ["ray.num_workers=64"]) == 2
     assert "64 workers" in capsys.readouterr().err
-    assert train.main(argv + ["tracking.uri=http://127.0.0.1:9"]) == 1
+    assert train.main(argv + ["tracking.uri=http://127.0.0.1:9"]) == 2
     assert "not reachable" in capsys.readouterr().err
+    assert train.main(["optim.lr=-1"]) == 2
+    assert "optim.lr=-1.0 is not in (0, inf)" in capsys.readouterr().err

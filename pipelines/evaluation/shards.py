@@ -5,8 +5,8 @@
     pool.close()
 
 * **Workers**: one Ray actor (:class:`ShardWorker`) per worker holds a sampling-only
-  :class:`pipelines.eval_session.EvalSession` (``evaluator=None``: network + encoder, no Gen-PPL
-  model, no MLflow run lookup) for all sampling configs of the run. It asks for one GPU when the
+  :class:`pipelines.evaluation.session.EvalSession` (``evaluator=None``: network + encoder, no
+  Gen-PPL model) for all sampling configs of the run. It asks for one GPU when the
   cluster has GPUs (``gpus_per_worker``), else ``cpus_per_worker`` CPUs (default 1) and then runs
   torch with that many threads.
 * **Shards**: the run's sampling batches (``sample.batch_size`` samples each) are split into N
@@ -16,9 +16,10 @@
   the concatenated shards are the samples one process would make — same texts, ids and order — as
   long as the arithmetic is the same (same device type; on CPU the same torch thread count, since
   a BLAS reduction may split differently with more threads).
-* **Pinning**: workers load the checkpoint the driver resolved (``models:/x/latest`` becomes the
-  version the driver got; a storage directory its checkpoint directory) with the same weights
-  choice, and each worker's (step, weights, task) is checked against the driver's.
+* **Pinning**: workers load the checkpoint the driver resolved — its ``pinned`` reference
+  (:mod:`pipelines.checkpoints`: ``models:/x/latest`` becomes the version the driver got, a storage
+  directory its checkpoint directory) with the same weights choice — and each worker's (step,
+  weights, task) is checked against the driver's.
 * **Failures**: an exception in a worker, or a worker that dies, becomes one :class:`ShardError`
   naming the shard (its batches and sample ids) and the worker's own error message — not a Ray
   traceback. Scoring stays on the driver (:meth:`EvalSession.evaluate`).
@@ -34,8 +35,8 @@ from typing import Any, Callable, Optional
 
 from elf_core.config import SampleConfig
 from elf_core.sampling import batch_bounds, num_batches
-from pipelines.eval_inputs import EvalError
-from pipelines.progress import Progress
+from pipelines.evaluation.inputs import EvalError
+from pipelines.infra.progress import Progress
 
 WAIT_NOTE_S = 60.0  # how often wait_loaded() says it is still waiting
 FIT_HINT = ("lower --workers (or --worker-cpus / --worker-gpus), or connect to a larger Ray cluster "
@@ -85,10 +86,10 @@ class ShardWorker:
 
         import torch
 
-        from pipelines.eval_session import EvalSession
+        from pipelines.evaluation.session import EvalSession
 
         self.session = s = EvalSession(checkpoint, evaluator=None, task=task, references=references, device=device,
-                                       use_ema=use_ema, tracking_uri=tracking_uri, lookup_training_run=False)
+                                       use_ema=use_ema, tracking_uri=tracking_uri)
         return {"step": s.loaded.step, "weights": s.loaded.weights, "task": s.task, "device": str(s.device),
                 "bf16": s.bf16, "threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
 
@@ -119,28 +120,10 @@ class _Shard:
     info: Optional[dict] = None  # what load() returned
 
 
-class _ShardReporter:
-    """``[eval] shards 1/2 done, sample 24/32 [75%] | 2.10 sample/s | 11s elapsed, ETA 4s`` at most every
-    ``every_s`` seconds, plus the last line."""
-
-    def __init__(self, shards: int, samples: int, enabled: bool, every_s: float = 2.0):
-        self.shards, self.enabled, self.every_s = shards, enabled, every_s
-        self.progress = Progress(total=samples, unit="sample")
-        self.last = 0.0
-
-    def __call__(self, shards_done: int, samples_done: int) -> None:
-        now = time.monotonic()
-        last = samples_done >= self.progress.total
-        if self.enabled and (last or now - self.last >= self.every_s):
-            self.last = now
-            print(f"[eval] shards {shards_done}/{self.shards} done, {self.progress.line(samples_done)}",
-                  file=sys.stderr, flush=True)
-
-
 class ShardPool:
     """N loaded :class:`ShardWorker` actors; call it like ``EvalSession.evaluate``'s ``sampler``.
 
-    ``address``: the Ray cluster (:func:`pipelines.ray_env.init_ray`; default ``RAY_ADDRESS`` or a
+    ``address``: the Ray cluster (:func:`pipelines.infra.ray_env.init_ray`; default ``RAY_ADDRESS`` or a
     fresh local instance, reused when Ray is already initialised in this process).
     ``gpus_per_worker=None``: 1 when the cluster has GPUs, else 0 (CPU workers). ``wait=False``
     returns once the actors are asked to load (the driver can load its evaluator meanwhile);
@@ -156,7 +139,7 @@ class ShardPool:
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)):
         import ray
 
-        from pipelines.ray_env import ClusterTooSmall, check_cluster_fits, init_ray
+        from pipelines.infra.ray_env import ClusterTooSmall, check_cluster_fits, init_ray
 
         if workers < 1:
             raise ShardError(f"--workers must be >= 1, got {workers}")
@@ -239,7 +222,7 @@ class ShardPool:
                 pending[shard.actor.sample.remote(sample_cfg, n, seed, [k])] = (shard.index, k)
         left = [len(share) for share in shares]
         busy = sum(1 for x in left if x)
-        report = _ShardReporter(busy, n, progress)
+        report = Progress(n, unit="sample", tag="[eval]")
         by_batch: dict[int, list[dict]] = {}
         done_samples = done_shards = 0
         while pending:
@@ -259,7 +242,8 @@ class ShardPool:
                 done_samples += len(by_batch[k])
                 left[i] -= 1
                 done_shards += left[i] == 0
-                report(done_shards, done_samples)
+                if progress:
+                    report.update(done_samples, note=f"shards {done_shards}/{busy} done,")
         return [s for k in range(n_b) for s in by_batch[k]]
 
     def provenance(self) -> dict[str, str]:
@@ -293,15 +277,4 @@ class ShardPool:
         self.close()
 
 
-def pinned_checkpoint(spec: str, loaded: Any) -> str:
-    """The checkpoint workers should load so they get what the driver got: a registered model's
-    resolved version (``latest`` / an alias could move), the exact checkpoint directory of a storage
-    directory, else the spec itself."""
-    if getattr(loaded, "model_version", None):
-        return f"models:/{loaded.model_version}"
-    if loaded.kind == "elf-lab" and not str(spec).startswith(("models:/", "runs:/")):
-        return str(loaded.path)
-    return str(spec)
-
-
-__all__ = ["ShardPool", "ShardWorker", "ShardError", "split_batches", "pinned_checkpoint"]
+__all__ = ["ShardPool", "ShardWorker", "ShardError", "split_batches"]

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from elf_core.config import SampleConfig
+from elf_core.errors import ElfError
+from elf_core.validation import check_values
 
 
-class EvalError(ValueError):
+class EvalError(ElfError):
     """An evaluation input that cannot be used; the message names what is wrong and where."""
 
 
@@ -39,7 +41,6 @@ REFERENCE_ALIASES = {
 _OFFICIAL_KEYS = {"sampling_method": "sampler", "num_sampling_steps": "steps", "sde_gamma": "gamma",
                   "self_cond_cfg_scales": "sc_cfg", "cfgs": "cfg", "time_schedule": "grid"}
 _SAMPLE_KEYS = [f.name for f in dataclasses.fields(SampleConfig)]
-_CHOICES = {"sampler": ("ode", "sde"), "grid": ("logit_normal", "uniform")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,12 +71,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         raise EvalError(f"{where}: '{key}' must be a number, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise EvalError(f"{where}: '{key}' must be a string, got {value!r}")
-    value = kind(value)
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise EvalError(f"{where}: '{key}'={value!r} is not one of {list(_CHOICES[key])}")
-    if key in ("steps", "num_samples", "batch_size") and value < 1:
-        raise EvalError(f"{where}: '{key}' must be >= 1, got {value}")
-    return value
+    return kind(value)
 
 
 def expand_entry(entry: Any, base: SampleConfig, where: str) -> list[SampleConfig]:
@@ -106,7 +102,10 @@ def expand_entry(entry: Any, base: SampleConfig, where: str) -> list[SampleConfi
             grids.append([_coerce(k, x, where) for x in v])
         else:
             grids.append([_coerce(k, v, where)])
-    return [dataclasses.replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*grids)]
+    out = [dataclasses.replace(base, **dict(zip(keys, combo))) for combo in itertools.product(*grids)]
+    for sc in out:  # every value within the range declared next to its SampleConfig field
+        check_values(sc, where, EvalError, prefix="sample.")
+    return out
 
 
 def load_sampling_configs(path: str | Path, base: Optional[SampleConfig] = None) -> list[SampleConfig]:
@@ -237,7 +236,7 @@ def load_reference_pairs(spec: str, *, split: str = "validation", input_field: s
                             "directory or a hub dataset")
         ds = load_hf_dataset(src, split)
     except DataError as e:
-        shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wmt14_de-en_validation_t5"
+        shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "wmt14_de-en_validation_t5"
         hint = f" (offline, the WMT14 De-En validation set is at {shared})" if shared.is_dir() else ""
         raise EvalError(f"references '{spec}': {e}{hint}") from None
     cols = ds.column_names

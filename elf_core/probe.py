@@ -3,7 +3,8 @@
 At the start and the end of training (and whenever called), on a fixed held-out batch with fixed
 noise: the flow loss and its branches, and the **clean-latent decode accuracy** — the fraction of
 valid tokens that ``net([x, 0], t = 1, gate = 1)`` maps back to their own ids — plus a few generated
-samples. Fixed data and fixed seeds make start and end directly comparable.
+samples. Fixed data and fixed seeds make start and end directly comparable: the measurements are
+one series per metric (``probe/loss`` at step 0 and at the end, ...), logged at the step measured.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from elf_core.sampling import generate
 
 
 class QualityProbe:
+    """A fixed held-out batch with fixed noise, measured with any network (raw or EMA weights)."""
+
     def __init__(self, cfg: ExperimentConfig, encoder, rows: Sequence[dict[str, Any]], collate,
                  device: torch.device, seed: int = 1234):
         self.cfg, self.encoder, self.device, self.seed = cfg, encoder, device, seed
@@ -28,7 +31,8 @@ class QualityProbe:
         self.x0 = encode_for_step(encoder, self.batch, self.noise)
 
     @torch.no_grad()
-    def measure(self, net, tag: str) -> dict[str, float]:
+    def measure(self, net) -> dict[str, float]:
+        """``{"probe/loss", "probe/ce", "probe/l2", "probe/decode_acc", "probe/clean_decode_acc"}``."""
         was_training = net.training
         net.eval()
         try:
@@ -42,8 +46,8 @@ class QualityProbe:
             acc = ((logits.argmax(-1) == self.batch["input_ids"]).float() * valid).sum() / valid.sum()
         finally:
             net.train(was_training)
-        m = {f"probe_{tag}/{k}": float(v) for k, v in out.metrics.items() if "tokens" not in k}
-        m[f"probe_{tag}/clean_decode_acc"] = float(acc)
+        m = {f"probe/{k}": float(v) for k, v in out.metrics.items() if "tokens" not in k}
+        m["probe/clean_decode_acc"] = float(acc)
         return m
 
     def samples(self, net, n: int) -> list[str]:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from pipelines.infra.filesystems import StorageError
+
 OPT_IN_ENV = "ELF_SHARED_STORAGE"
 _TRUE = ("1", "true", "yes", "on")
 
@@ -55,7 +57,7 @@ LOCAL_FUSE_TYPES = frozenset({
 _LOOPBACK_HOSTS = ("localhost", "127.", "::1", "0.0.0.0", "ip6-localhost")
 
 
-class StorageNotShared(RuntimeError):
+class StorageNotShared(StorageError):
     """A multi-node run would write checkpoints or MLflow records where other nodes cannot see them.
     The message names the config key, the value, why it is node-local and what to use instead."""
 

@@ -1,6 +1,6 @@
 """DDP weak scaling of ELF-B/M/L on paper: gradient bytes per step against step time.
 
-    python cluster/scaling.py [--mfu 0.35] [--per-gpu-batch 32] [--seq-len 1024] [--peak-tflops 989.4]
+    python benchmarks/scaling_calculator.py [--mfu 0.35] [--per-gpu-batch 32] [--seq-len 1024] [--peak-tflops 989.4]
 
 prints the markdown table of cluster/README.md ("Scaling on paper"; tests/test_cluster_manifests.py
 checks the README holds this script's output for the default arguments).
@@ -26,10 +26,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))
 
 PRESETS = ("ELF-B", "ELF-M", "ELF-L")
 LATENT_DIM, VOCAB = 512, 32100  # T5-small (reference §5)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from elf_core.errors import ElfError
+
 log = logging.getLogger(__name__)
 
 # The env every local shell, driver, test and CI run should have (stack-notes "Ray").
@@ -49,7 +51,7 @@ WORKER_ENV: dict[str, str] = {
 }
 
 
-class ClusterTooSmall(RuntimeError):
+class ClusterTooSmall(ElfError):
     """The Ray cluster cannot host the requested workers (raised before a Trainer would hang)."""
 
 

@@ -1,10 +1,12 @@
 """Where MLflow runs go and whether they can go there: the tracking URI (config, env or the default
 absolute SQLite store), a fail-fast reachability check, clients, and the telemetry default.
 
-Split from :mod:`pipelines.tracking` (which re-exports everything here) so the run/metric/model
-logging there reads on its own. Traps handled here: MLflow 3 refuses the old ``./mlruns`` file
-store and workers run in other directories (so local stores must be absolute), and an unreachable
-``http://`` server makes MLflow retry for minutes (:func:`check_tracking_reachable` takes ~1 s).
+Traps handled here (measured, ``shared/stack-notes.md``): MLflow 3 refuses the old ``./mlruns`` file
+store and Ray workers / Tune trials run in other directories, so local stores must be absolute; an
+unreachable ``http://`` server makes MLflow retry for minutes (7 retries, 120 s timeout), while
+:func:`check_tracking_reachable` answers in about a second; telemetry is on by default and phones
+home, so it is switched off unless the user set it (MLflow reads the switch at import time, hence
+the env default before ``import mlflow``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from typing import Iterator  # noqa: E402
 
 from mlflow import MlflowClient  # noqa: E402
 
-class TrackingError(RuntimeError):
+from elf_core.errors import ElfError  # noqa: E402
+
+
+class TrackingError(ElfError):
     """A tracking operation that cannot proceed; the message names the run / model / key at fault."""
 
 
@@ -47,7 +52,8 @@ def make_client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _client(uri_or_client: str | MlflowClient) -> MlflowClient:
+def client_for(uri_or_client: str | MlflowClient) -> MlflowClient:
+    """``uri_or_client`` itself when it is a client, else :func:`make_client` of the URI."""
     return uri_or_client if isinstance(uri_or_client, MlflowClient) else make_client(uri_or_client)
 
 
@@ -60,10 +66,15 @@ def default_tracking_uri(project_root: Path) -> str:
     return "sqlite:///" + str((Path(project_root).resolve() / "mlruns" / "mlflow.db"))
 
 
-def resolve_tracking_uri(configured: str | None, project_root: Path) -> str:
+def resolve_tracking_uri(configured: str | None, project_root: Path | None = None) -> str:
     """The tracking URI to use: ``configured`` (the config's value), else ``$MLFLOW_TRACKING_URI``,
-    else :func:`default_tracking_uri`. Local stores must be absolute (workers and Tune trials run
-    with other working directories); a relative one is an error naming where it came from."""
+    else :func:`default_tracking_uri` under ``project_root`` (default: ELF Lab's root,
+    :func:`pipelines.infra.paths.runs_root`). Local stores must be absolute (workers and Tune trials
+    run with other working directories); a relative one is an error naming where it came from."""
+    if project_root is None:
+        from pipelines.infra.paths import runs_root
+
+        project_root = runs_root()
     disable_telemetry_by_default()
     if configured:
         uri, origin = str(configured).strip(), "the config's tracking URI"
@@ -77,13 +88,13 @@ def resolve_tracking_uri(configured: str | None, project_root: Path) -> str:
         # sqlite:///rel.db -> path "/rel.db" (relative); sqlite:////abs.db -> "//abs.db" (absolute)
         db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
         if db and db != ":memory:" and not db.startswith("/"):
-            raise ValueError(
+            raise TrackingError(
                 f"tracking URI {uri!r} (from {origin}) is a relative SQLite path; Ray workers and "
                 f"Tune trials run in other directories. Use an absolute one, e.g. "
                 f"'sqlite:///{(Path(project_root).resolve() / db)}'."
             )
     elif parsed.scheme in ("", "file") and not Path(parsed.path or uri).is_absolute():
-        raise ValueError(
+        raise TrackingError(
             f"tracking URI {uri!r} (from {origin}) is a relative file-store path; MLflow 3 refuses "
             f"file stores and workers run in other directories. Use e.g. "
             f"{default_tracking_uri(project_root)!r}."

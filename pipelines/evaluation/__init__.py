@@ -1,0 +1,3 @@
+"""Evaluation of checkpoints with the paper's metrics: the session (``session``: model, encoder and
+evaluator loaded once), its inputs (``inputs``: sampling lists, references, samples files), sharded
+sampling on Ray (``shards``) and the MLflow record of one evaluation (``records``)."""

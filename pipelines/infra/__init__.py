@@ -1,0 +1,3 @@
+"""Infrastructure shared by every entry point: the Ray environment (``ray_env``), storage locations
+(``filesystems``: local paths and object-store URIs alike; ``storage``: the multi-node shared-storage
+check), where outputs go (``paths``), and the one progress reporter (``progress``)."""
