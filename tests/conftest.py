@@ -35,6 +35,7 @@ for _var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLF
              "MLFLOW_EXPERIMENT_ID", "RAY_ADDRESS"):
     os.environ.pop(_var, None)
 
+import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -294,3 +295,48 @@ def _stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=5)
+
+
+# ---- S3 -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3():
+    """``(filesystem, uri_of(bucket_path), endpoint URL)`` of an in-process moto S3 server with one bucket."""
+    pytest.importorskip("moto", reason="moto[server] (dev extra) runs a local S3 server")
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import pyarrow.fs as pafs
+
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
+                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
+        fs.create_dir("ckpts")
+        query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        yield fs, lambda path: f"s3://testing:testing@{path}{query}", f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+
+
+@pytest.fixture
+def s3_env(s3, request, monkeypatch):
+    """The standard AWS variables pointing at the moto server, in this process and in Ray's: Ray's
+    processes keep the environment they started with, so the session's Ray is started now — or
+    restarted if it runs already. This process's variables are restored afterwards; Ray is not
+    restarted again (its processes keep AWS_* variables pointing at the moto server, which lives for
+    the whole session, and a restart costs ~7 s)."""
+    keys = {"AWS_ENDPOINT_URL": s3[2], "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for k, v in keys.items():  # restored after the test by monkeypatch
+        monkeypatch.setenv(k, v)
+    running = _LOCAL_RAY is not None
+    ray_local = request.getfixturevalue("ray_local")
+    if running:
+        ray_local.restart()
+    return s3

@@ -7,9 +7,7 @@ downloads; one-line errors.
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -132,29 +130,7 @@ def test_uri_helpers_keep_queries_and_hide_secrets():
     assert redact("s3://bucket/x") == "s3://bucket/x"
 
 
-# ---- a real S3 API: moto's server on a local port -------------------------------------------------
-@pytest.fixture(scope="module")
-def s3():
-    """``(filesystem, uri_of(bucket_path), endpoint URL)`` of an in-process moto S3 server with one bucket."""
-    pytest.importorskip("moto", reason="moto[server] (dev extra) runs a local S3 server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1", allow_bucket_creation=True)
-        fs.create_dir("ckpts")
-        query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        yield fs, lambda path: f"s3://testing:testing@{path}{query}", f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
+# ---- a real S3 API: moto's server on a local port (the ``s3`` fixture, conftest.py) -------------------
 @pytest.fixture(scope="module")
 def uploaded(s3, tmp_path_factory):
     """The run tree of :func:`_run_tree` in the bucket, plus two uploads that were cut short:

@@ -18,7 +18,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines.train import run_checkpoints
+from pipelines.checkpoints import list_checkpoints
+
+
+def run_checkpoints(storage: Path, name: str) -> list[tuple[int, str]]:
+    return [(c.step, c.location) for c in list_checkpoints(storage / name)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -141,5 +145,6 @@ def test_killed_driver_resumes_when_resubmitted(head, tmp_path):
     assert len(runs) == 1  # the re-submitted job continued the same MLflow run
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["elf.resume_count"] == "1"
+    assert "ray job stop" not in run.data.tags.get("elf.error", "")  # the stop ended it KILLED, then it was reattached
     history = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
     assert max(history) == steps

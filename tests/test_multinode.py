@@ -268,8 +268,8 @@ def test_two_node_cluster_is_on_loopback(two_nodes: TwoNodeCluster) -> None:
                     ip = ipaddress.ip_address(c.raddr.ip)
                     ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.2 -> 127.0.0.2
                     assert ip.is_loopback, f"{node.name} pid {p.pid} talks to {c.raddr}"
-    # pipelines.storage.nodes_for_run, from a driver on the head, counts both alive nodes.
-    code = ("import ray, json; ray.init(address='%s'); from pipelines.storage import nodes_for_run; "
+    # pipelines.infra.storage.nodes_for_run, from a driver on the head, counts both alive nodes.
+    code = ("import ray, json; ray.init(address='%s'); from pipelines.infra.storage import nodes_for_run; "
             "print(json.dumps([nodes_for_run(2, 2, 0), nodes_for_run(1, 1, 0), nodes_for_run(1, 1, 1)]))"
             % two_nodes.address)
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=_node_env(two_nodes.address),
@@ -331,8 +331,7 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     assert resumed[-1] % CKPT_EVERY == 0 and at_kill <= resumed[-1] < MAX_STEPS
     assert _committed_step(run_dir) == MAX_STEPS
     assert re.search(rf"done in .*: {MAX_STEPS} steps", text), text[-3000:]
-    if "check_storage_for_cluster" in (PROJECT_ROOT / "pipelines" / "train.py").read_text():
-        assert "[elf] storage: 2 node(s); checkpoints: local (opted in)" in text
+    assert "[elf] storage: 2 node(s); checkpoints: local (opted in)" in text
 
     # The restarted group again spans both nodes, the new worker node included.
     later = [a for a in two_nodes.train_workers() if a["actor_id"] not in {f["actor_id"] for f in first}]
@@ -358,8 +357,6 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
 def test_multinode_run_refuses_node_local_storage(two_nodes: TwoNodeCluster, tmp_path: Path) -> None:
     """Without the opt-in, a 2-node run with a local checkpoint dir and a SQLite store stops before
     any worker starts, naming both settings."""
-    if "check_storage_for_cluster" not in (PROJECT_ROOT / "pipelines" / "train.py").read_text():
-        pytest.skip("pipelines/train.py does not call pipelines.storage.check_storage_for_cluster yet")
     env = _node_env(two_nodes.address)
     env.pop("ELF_SHARED_STORAGE", None)
     db = tmp_path / "mlflow.db"

@@ -93,7 +93,7 @@ def _check_same_run(cfg: ExperimentConfig, ckpt: checkpoints.StoredCheckpoint, s
 def plan_run(cfg: ExperimentConfig, planned_steps: int, client: MlflowClient, *, fresh: bool) -> RunPlan:
     """Decide what this submission of ``cfg`` does (module docstring). Raises RunStateError."""
     root = run_root(cfg)
-    fsx.check_writable(root, f"write to the run's storage (ray.storage_path={cfg.ray.storage_path})")
+    fsx.check_writable(cfg.ray.storage_path, f"write to the run's storage (ray.storage_path={cfg.ray.storage_path})")
     if fresh:
         return RunPlan("new", root, retired=checkpoints.retire_run(root))
     ckpt = checkpoints.newest_checkpoint(root)
