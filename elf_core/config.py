@@ -79,6 +79,10 @@ class DataConfig:
     pad_token: str = "pad"  # pad (id of <pad>, masked from the loss) | eos (supervised EOS tail)
     cache_dir: str = ".cache/elf_lab/data"
     max_rows: Optional[int] = None  # keep only the first N rows (quick experiments)
+    # Encode the training rows once with the frozen encoder and reuse the latents (elf_core/latent_cache.py);
+    # label-dropped rows are still encoded live. Refused when the cache would not fit on disk or in memory.
+    cache_latents: bool = False
+    latent_cache_dtype: str = "float16"  # float16 | bfloat16 | float32 storage of the cached latents
 
 
 @dataclass
@@ -197,6 +201,7 @@ class ExperimentConfig:
 _CHOICES = {
     "data.task": ("unconditional", "conditional"),
     "data.pad_token": ("pad", "eos"),
+    "data.latent_cache_dtype": ("float16", "bfloat16", "float32"),
     "flow.time_schedule": ("logit_normal", "uniform"),
     "sample.sampler": ("ode", "sde"),
     "sample.grid": ("logit_normal", "uniform"),
