@@ -30,9 +30,12 @@ from elf_core.network import ELFNetwork, autocast_for, count_parameters  # noqa:
 from elf_core.optim import build_optimizer  # noqa: E402
 
 
-def t5_small_shaped_encoder(device: torch.device) -> torch.nn.Module:
+def t5_shaped_encoder(device: torch.device, *, d_model: int = 512, d_ff: int = 2048, num_layers: int = 6,
+                      num_heads: int = 8) -> torch.nn.Module:
+    """A T5 encoder with random weights built from a config (no download); defaults: T5-small's shape."""
     from transformers import T5Config, T5EncoderModel
-    cfg = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8)
+    cfg = T5Config(vocab_size=32128, d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff, num_layers=num_layers,
+                   num_heads=num_heads)
     return T5EncoderModel(cfg).to(device).eval().requires_grad_(False)
 
 
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = torch.compile(net) if args.compile else net
     opt = build_optimizer(net, cfg.optim, 2e-3)
     ema = EMA(net, cfg.optim.ema_decay)
-    encoder = None if args.no_encoder else t5_small_shaped_encoder(device)
+    encoder = None if args.no_encoder else t5_shaped_encoder(device)
     mf = model_flops(cfg.model, D, V, S)
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(2, V, (B, S), device=device, generator=gen)
@@ -83,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         opt.step()
         ema.update(net)
         opt.zero_grad(set_to_none=True)
-        dec = noise.decode
-        flops = step_flops(mf, B, int((~dec).sum()), int((~dec & noise.sc).sum()), int(dec.sum()))
+        _, dec, sc = noise.host_coins()
+        flops = step_flops(mf, B, int((~dec).sum()), int((~dec & sc).sum()), int(dec.sum()))
         return flops if encoder is not None else flops - B * mf.encoder_forward
 
     def sync() -> None:

@@ -87,6 +87,10 @@ class DataConfig:
     pad_token: str = ranged("pad", choices=("pad", "eos"))  # pad (masked from the loss) | eos (supervised EOS tail)
     cache_dir: str = ".cache/elf_lab/data"
     max_rows: Optional[int] = ranged(None, **_POS)  # keep only the first N rows (quick experiments)
+    # Encode the training rows once with the frozen encoder and reuse the latents (elf_core/latent_cache.py);
+    # label-dropped rows are still encoded live. Refused when the cache would not fit on disk or in memory.
+    cache_latents: bool = False
+    latent_cache_dtype: str = ranged("float16", choices=("float16", "bfloat16", "float32"))  # storage dtype
 
 
 @dataclass

@@ -9,7 +9,12 @@ pt:generation.py); the differences are in plumbing only:
   ``torch.Generator`` on the model's device, in the order grid → z → per-step noise (the official
   mixes the global CUDA RNG and a CPU generator depending on ``is_cuda``);
 * an SDE step with α = 1 (γ = 0) draws no noise, so SDE γ = 0 is the ODE including the RNG stream;
-* the grid is read into Python floats once per batch, not with one ``.item()`` sync per step;
+* the step loop is fixed before it starts (:func:`step_plan`): every per-step scalar (t, t' − t,
+  α, 1 − α, t_b, t' − t_b) is precomputed in float64 from the grid and kept as a float32 device
+  table, so the loop does no host reads and every step has the same shapes (CUDA-graph
+  capturable); it gives the official's numbers bit for bit (the Python-double arithmetic of the
+  official per-step scalars, rounded to float32 exactly as a float32 op rounds a Python scalar).
+  The only host read is one (steps,) bool vector per SDE batch: which intervals inject noise;
 * conditions are encoded from the condition tokens only (:func:`encode_condition`).
 
 Seeding (:func:`generate`): samples ``0 … N−1`` are cut into batches of ``sample.batch_size``; batch
@@ -29,7 +34,8 @@ network's x-prediction is turned into a velocity by :func:`elf_core.flow.x_to_v`
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -38,6 +44,7 @@ from elf_core.flow import restore_cond, sample_time, x_to_v
 from elf_core.network import ELFNetwork, autocast_for
 
 DecodeFn = Callable[[torch.Tensor], list[str]]
+Time = Union[float, torch.Tensor]  # a Python float or a 0-dim float32 tensor
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -111,17 +118,28 @@ class GuidedField:
     def _restore_vx(self, v: torch.Tensor, x: torch.Tensor, clean) -> tuple[torch.Tensor, torch.Tensor]:
         return self.restore(v, 0.0), self.restore(x, clean)
 
+    def _w_vector(self, B: int, device: torch.device) -> torch.Tensor:
+        """The (B,) per-example SC-CFG scale, built once per batch shape."""
+        key = (B, str(device))
+        if getattr(self, "_w_key", None) != key:
+            self._w_key, self._w_vec = key, torch.full((B,), self.w, dtype=torch.float32, device=device)
+        return self._w_vec
+
     def _one_call(self, z: torch.Tensor, x_prev: torch.Tensor, t: torch.Tensor, clean
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        B = z.shape[0]
-        w = torch.full((B,), self.w, dtype=torch.float32, device=z.device)  # per-example SC-CFG scale
+        w = self._w_vector(z.shape[0], z.device)
         with autocast_for(z.device, self.bf16):
             x_hat, _ = self.net(torch.cat([z, x_prev], dim=-1), t, w)  # denoise mode: gate None
         return self._restore_vx(x_to_v(x_hat, z, t, self.t_eps), x_hat, clean)
 
-    def __call__(self, z: torch.Tensor, t: float, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v, x̂) at time ``t`` (a Python float, stored as float32 like the official ``t_batch``)."""
-        tb = torch.full((z.shape[0],), t, dtype=torch.float32, device=z.device)
+    def __call__(self, z: torch.Tensor, t: Time, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v, x̂) at time ``t``: a Python float (stored as float32 like the official ``t_batch``) or a
+        0-dim float32 tensor on z's device (broadcast to the batch without a host read)."""
+        B = z.shape[0]
+        if isinstance(t, torch.Tensor):
+            tb = t.to(torch.float32).expand(B)
+        else:
+            tb = torch.full((B,), t, dtype=torch.float32, device=z.device)
         v_c, x_c = self._one_call(z, x_prev, tb, None)
         if self.cfg_scale == 1.0:
             return v_c, x_c
@@ -132,11 +150,25 @@ class GuidedField:
 
 # ----------------------------------------------------------------------------------------------
 # Steps and the integration loop
+def _euler(field: GuidedField, z: torch.Tensor, t: Time, dt: Time, x_prev: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    v, x = field(z, t, x_prev)
+    return z + dt * v, x
+
+
+def _noisy_euler(field: GuidedField, z: torch.Tensor, alpha: Time, one_minus_alpha: Time, t_back: Time,
+                 dt_back: Time, x_prev: torch.Tensor, *, noise_scale: float, generator: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device) * noise_scale
+    z_back = field.restore(alpha * z + one_minus_alpha * eps)
+    v, x = field(z_back, t_back, x_prev)
+    return z_back + dt_back * v, x
+
+
 def ode_step(field: GuidedField, z: torch.Tensor, t: float, t_next: float, x_prev: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler: ``z ← z + (t' − t)·v(z, t)``; returns (z', x̂) (x̂ becomes the next x_prev)."""
-    v, x = field(z, t, x_prev)
-    return z + (t_next - t) * v, x
+    return _euler(field, z, t, t_next - t, x_prev)
 
 
 def sde_step(field: GuidedField, z: torch.Tensor, t: float, t_next: float, x_prev: torch.Tensor, *,
@@ -151,29 +183,61 @@ def sde_step(field: GuidedField, z: torch.Tensor, t: float, t_next: float, x_pre
     if alpha == 1.0:
         return ode_step(field, z, t, t_next, x_prev)
     t_back = alpha * t
-    eps = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device) * noise_scale
-    z_back = field.restore(alpha * z + (1.0 - alpha) * eps)
-    v, x = field(z_back, t_back, x_prev)
-    return z_back + (t_next - t_back) * v, x
+    return _noisy_euler(field, z, alpha, 1.0 - alpha, t_back, t_next - t_back, x_prev,
+                        noise_scale=noise_scale, generator=generator)
+
+
+# Columns of StepPlan.coef
+T, DT, ALPHA, ONE_MINUS_ALPHA, T_BACK, DT_BACK = range(6)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One batch's integration loop, fixed before it starts."""
+
+    coef: torch.Tensor  # (steps, 6) float32 on the grid's device; columns T … DT_BACK above
+    noisy: tuple[bool, ...]  # per interval: an SDE step that draws noise (the last never does)
+
+
+def step_plan(grid: torch.Tensor, *, sampler: str, gamma: float) -> StepPlan:
+    """Per-interval scalars of :func:`ode_step` / :func:`sde_step` for a (steps + 1,) grid.
+
+    Computed in float64 on the grid's device with the same operations as the Python-double
+    arithmetic of ``sde_step``, then rounded to float32 (what a float32 op does to a Python
+    scalar), so the loop reproduces the per-step functions bit for bit. ``noisy`` needs α on the
+    host: one (steps,) read for an SDE with γ > 0, none otherwise.
+    """
+    if sampler not in ("ode", "sde"):
+        raise ValueError(f"sample.sampler='{sampler}' is not one of ['ode', 'sde']")
+    g = grid.to(torch.float64)
+    t, t_next = g[:-1], g[1:]
+    dt = t_next - t
+    alpha = (1.0 - gamma * dt).clamp(0.0, 1.0)
+    t_back = alpha * t
+    coef = torch.stack([t, dt, alpha, 1.0 - alpha, t_back, t_next - t_back], dim=1).to(torch.float32)
+    steps = dt.shape[0]
+    noisy = [False] * steps
+    if sampler == "sde" and gamma > 0 and steps > 1:
+        noisy[:-1] = (alpha[:-1] < 1.0).tolist()  # the one host read of the batch
+    return StepPlan(coef, tuple(noisy))
 
 
 def integrate(field: GuidedField, z: torch.Tensor, grid: torch.Tensor, *, sampler: str, gamma: float,
               noise_scale: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     """Run the grid from ``z`` (already R_c-restored); the last interval is always an ODE step
-    (pt:utils/generation_utils.py:89-105)."""
-    if sampler not in ("ode", "sde"):
-        raise ValueError(f"sample.sampler='{sampler}' is not one of ['ode', 'sde']")
-    ts = grid.tolist()  # one host sync per batch
+    (pt:utils/generation_utils.py:89-105). Same numbers as chaining :func:`sde_step` /
+    :func:`ode_step` over ``grid.tolist()``, with the per-step scalars read from :func:`step_plan`."""
+    if sampler == "sde" and grid.shape[0] > 2 and generator is None:
+        raise ValueError("the SDE sampler draws noise: pass a torch.Generator")
+    plan = step_plan(grid, sampler=sampler, gamma=gamma)
     x_prev = field.restore(torch.zeros_like(z))
-    for t, t_next in zip(ts[:-2], ts[1:-1]):
-        if sampler == "sde":
-            if generator is None:
-                raise ValueError("the SDE sampler draws noise: pass a torch.Generator")
-            z, x_prev = sde_step(field, z, t, t_next, x_prev, gamma=gamma, noise_scale=noise_scale,
-                                 generator=generator)
+    for i, noisy in enumerate(plan.noisy):
+        c = plan.coef[i]
+        if noisy:
+            z, x_prev = _noisy_euler(field, z, c[ALPHA], c[ONE_MINUS_ALPHA], c[T_BACK], c[DT_BACK], x_prev,
+                                     noise_scale=noise_scale, generator=generator)
         else:
-            z, x_prev = ode_step(field, z, t, t_next, x_prev)
-    z, _ = ode_step(field, z, ts[-2], ts[-1], x_prev)
+            z, x_prev = _euler(field, z, c[T], c[DT], x_prev)
     return z
 
 

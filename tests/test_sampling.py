@@ -15,7 +15,7 @@ from elf_core.config import FlowConfig, SampleConfig, load_config
 from elf_core.network import ELFNetwork
 from elf_core.sampling import (GuidedField, batch_bounds, batch_generator, batch_seed, cut_at_eos, decode_latents,
                                encode_condition, generate, integrate, nfe, num_batches, ode_step, sample_latents,
-                               sde_step, target_window, time_grid)
+                               sde_step, step_plan, target_window, time_grid)
 
 B, S, D, V = 3, 12, 16, 50
 EOS, PAD = 1, 0
@@ -522,3 +522,40 @@ def test_integrate_is_deterministic_given_grid(net):
         a = integrate(field, z, grid, sampler="sde", gamma=1.0, noise_scale=2.0, generator=gen(1))
         b = integrate(field, z, grid, sampler="sde", gamma=1.0, noise_scale=2.0, generator=gen(1))
     assert torch.equal(a, b)
+
+
+def _chained_steps(field, z, grid, *, sampler, gamma, generator):
+    """The loop as one call per step with Python-float times (the step functions, by hand)."""
+    ts = grid.tolist()
+    x_prev = field.restore(torch.zeros_like(z))
+    for t, t1 in zip(ts[:-2], ts[1:-1]):
+        if sampler == "sde":
+            z, x_prev = sde_step(field, z, t, t1, x_prev, gamma=gamma, noise_scale=2.0, generator=generator)
+        else:
+            z, x_prev = ode_step(field, z, t, t1, x_prev)
+    return ode_step(field, z, ts[-2], ts[-1], x_prev)[0]
+
+
+@pytest.mark.parametrize("sampler,gamma", [("ode", 0.0), ("sde", 1.5), ("sde", 1e6)])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_fixed_shape_loop_is_bit_identical_to_per_step_calls(net, sampler, gamma, conditional):
+    """integrate() reads every per-step scalar from the precomputed device table (step_plan); the
+    latents equal chaining the Python-float step functions bit for bit, and so does the RNG state.
+    The grid repeats a time, an empty interval where the SDE draws no noise."""
+    lat, mask = cond_setup() if conditional else (None, None)
+    field = GuidedField(net, 3.0, t_eps=0.05, cfg_scale=2.0 if conditional else 1.0,
+                        cond_latents=lat, cond_mask=mask)
+    grid = torch.cat([time_grid(6, "logit_normal", -1.5, 0.8, gen(3), "cpu"), torch.ones(1)])
+    grid = torch.sort(torch.cat([grid, grid[3:4]])).values  # a tie: t_{i+1} == t_i
+    z = field.restore(2.0 * torch.randn(B, S, D, generator=gen(0)))
+    g_loop, g_steps = gen(1), gen(1)
+    with torch.no_grad():
+        a = integrate(field, z, grid, sampler=sampler, gamma=gamma, noise_scale=2.0, generator=g_loop)
+        b = _chained_steps(field, z, grid, sampler=sampler, gamma=gamma, generator=g_steps)
+    assert torch.equal(a, b)
+    assert torch.equal(g_loop.get_state(), g_steps.get_state())
+    plan = step_plan(grid, sampler=sampler, gamma=gamma)
+    assert plan.coef.shape == (len(grid) - 1, 6) and plan.coef.dtype == torch.float32
+    expected_noisy = sampler == "sde"
+    assert plan.noisy == tuple(expected_noisy and i < len(grid) - 2 and grid[i + 1] > grid[i]
+                               for i in range(len(grid) - 1))
