@@ -216,46 +216,69 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(bad_key: str) -> str:
-    close = difflib.get_close_matches(bad_key, _all_keys(ExperimentConfig), n=1, cutoff=0.6)
+def _suggest(schema: type, bad_key: str) -> str:
+    close = difflib.get_close_matches(bad_key, _all_keys(schema), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, origin: str, schema: type, error: type[Exception]) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except ConfigKeyError as e:
         key = e.full_key or str(e.key)
-        raise ConfigError(f"{origin}: unknown config key '{key}'{_suggest(key)}") from None
+        raise error(f"{origin}: unknown config key '{key}'{_suggest(schema, key)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{origin}: bad value for '{e.full_key}': {e.msg}") from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{origin}: {e}") from None
+        raise error(f"{origin}: bad value for '{e.full_key}': {e.msg}") from None
+    except (OmegaConfBaseException, TypeError) as e:
+        raise error(f"{origin}: {str(e).splitlines()[0]}") from None
 
 
-def _read_yaml(path: Path) -> DictConfig | ListConfig:
+def _override(cfg: DictConfig, item: str, schema: type, error: type[Exception]) -> DictConfig:
+    """Apply one ``key=value`` (the value parsed as YAML, as OmegaConf dot-lists are); a key with a
+    list index (``rungs.0.max_steps``) updates that element."""
+    if "=" not in item:
+        raise error(f"override '{item}': expected key=value (e.g. model.depth=2)")
+    key = item.split("=", 1)[0]
+    if not any(part.isdigit() for part in key.split(".")):
+        return _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", schema, error)
+    value = OmegaConf.from_dotlist([f"v={item.split('=', 1)[1]}"])["v"]
+    try:
+        OmegaConf.update(cfg, key, value, merge=True)
+    except (OmegaConfBaseException, TypeError, IndexError) as e:
+        raise error(f"override '{item}': {str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def load_structured(schema: type, path: str | Path | None, overrides: list[str] | None,
+                    error: type[Exception] = None) -> Any:  # type: ignore[assignment]
+    """Defaults of the dataclass ``schema`` <- a YAML file <- dot-list overrides, as an instance of
+    ``schema``. Unknown keys and wrong types raise ``error`` (default ConfigError) naming the key and
+    where it came from. Value ranges are checked by the caller (:mod:`elf_core.validation`)."""
+    error = error or ConfigError
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path), error), str(path), schema, error)
+    for item in overrides or ():
+        cfg = _override(cfg, item, schema, error)
+    return OmegaConf.to_object(cfg)
+
+
+def _read_yaml(path: Path, error: type[Exception] = None) -> DictConfig | ListConfig:  # type: ignore[assignment]
+    error = error or ConfigError
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise error(f"config file not found: {path}")
     try:
         loaded = OmegaConf.load(path)
     except Exception as e:  # yaml.YAMLError carries line/column in its message
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+        raise error(f"{path}: the top level must be a mapping of sections")
     return loaded
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Defaults <- YAML file <- dot-list overrides; then presets are applied and values checked."""
-    cfg = OmegaConf.structured(ExperimentConfig)
-    if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
-    if overrides:
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}': expected key=value (e.g. model.depth=2)")
-            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    obj: ExperimentConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    obj: ExperimentConfig = load_structured(ExperimentConfig, path, overrides)
     origin = str(path) if path else "defaults"
     if overrides:  # a bad value may come from either: name both
         origin += " + overrides [" + " ".join(overrides) + "]"
@@ -301,7 +324,7 @@ def from_yaml_text(text: str, origin: str = "<yaml>") -> ExperimentConfig:
         loaded = OmegaConf.create(text)
     except Exception as e:
         raise ConfigError(f"{origin}: not valid YAML: {e}") from None
-    obj: ExperimentConfig = OmegaConf.to_object(_merge(base, loaded, origin))  # type: ignore[assignment]
+    obj: ExperimentConfig = OmegaConf.to_object(_merge(base, loaded, origin, ExperimentConfig, ConfigError))
     return resolve(obj, origin)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from elf_core.config import DataConfig
+from elf_core.errors import ElfError
 
 CACHE_FORMAT_VERSION = 1
 DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {  # storage dtype -> (torch view, numpy storage)
@@ -45,7 +46,7 @@ DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {  # storage dtype -> (torch v
 ProgressFn = Callable[[int, int], None]  # (rows done, rows total)
 
 
-class LatentCacheError(ValueError):
+class LatentCacheError(ElfError, ValueError):
     """A latent cache that cannot be built or used; the message names ``data.cache_latents``."""
 
 

@@ -67,6 +67,10 @@ def violations(obj: Any, prefix: str = "") -> list[tuple[str, Any, Rule]]:
         if is_dataclass(value):
             bad.extend(violations(value, f"{prefix}{f.name}."))
             continue
+        if isinstance(value, (list, tuple)):  # a list of sections: objectives.0.mode, ...
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    bad.extend(violations(item, f"{prefix}{f.name}.{i}."))
         rule = f.metadata.get(RULE)
         if rule is not None and value is not None and not rule.holds(value):
             bad.append((f"{prefix}{f.name}", value, rule))

@@ -54,9 +54,18 @@ def add_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict[str,
         parser.add_argument(*flags, **{**kwargs, **changes.get(name, {})})
 
 
+class _Parser(argparse.ArgumentParser):
+    """Overrides may come anywhere on the line (``--config X a=1 --fresh b=2``): intermixed parsing,
+    except for a parser with subcommands (argparse cannot intermix those)."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._subparsers is not None:
+            return super().parse_args(args, namespace)
+        return self.parse_intermixed_args(args, namespace)
+
+
 def parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return _Parser(prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def set_threads(n: Optional[int]) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +20,9 @@ from elf_core.config import SampleConfig, load_config
 from elf_core.encoder import load_tokenizer
 from elf_core.network import ELFNetwork
 from pipelines import evaluate as cli
-from pipelines.eval_session import EvalSession
-from pipelines.eval_shards import ShardError, ShardPool, pinned_checkpoint, split_batches
-from pipelines.tracking import make_client
+from pipelines.evaluation.session import EvalSession
+from pipelines.evaluation.shards import ShardError, ShardPool, split_batches
+from pipelines.tracking.store import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 WMT = ROOT / "tests" / "fixtures" / "wmt14_deen_val_200.jsonl"
@@ -64,23 +63,19 @@ def ev_dir(tmp_path_factory) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-def test_split_batches_and_pinning():
+def test_split_batches():
     assert split_batches(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     assert split_batches(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
     assert split_batches(0, 2) == [range(0, 0), range(0, 0)]
     assert [k for r in split_batches(11, 4) for k in r] == list(range(11))
-    elf = SimpleNamespace(kind="elf-lab", path="/s/run/checkpoint_9", model_version=None)
-    assert pinned_checkpoint("/s/run", elf) == "/s/run/checkpoint_9"  # a storage dir: its resolved checkpoint
-    reg = SimpleNamespace(kind="elf-lab", path="models:/m/latest", model_version="m/3")
-    assert pinned_checkpoint("models:/m/latest", reg) == "models:/m/3"  # 'latest' could move
-    assert pinned_checkpoint("hub/id", SimpleNamespace(kind="official", path="hub/id", model_version=None)) == "hub/id"
+    # (workers load the driver's *pinned* checkpoint: tests/test_checkpoints.py checks ResolvedCheckpoint.pinned)
 
 
 def test_cli_two_workers_equal_one_process(ray_local, ckpt, ev_dir, mlflow_uri, tmp_path):
     """evaluate.py --workers 2 writes the in-process samples (3 batches: shards of 2 + 1), logs workers=2,
     and refuses 7 one-CPU workers on the 6-CPU cluster with one message."""
     sc = SampleConfig(sampler="sde", steps=2, gamma=1.5, sc_cfg=3.0, batch_size=2)
-    local = EvalSession(str(ckpt), evaluator=None, tracking_uri=NO_STORE, device="cpu", lookup_training_run=False)
+    local = EvalSession(str(ckpt), evaluator=None, tracking_uri=NO_STORE, device="cpu")
     want = local.generate_samples(sc, 6, seed=11)
     assert [s["id"] for s in want] == list(range(6)) and len({s["generated"] for s in want}) == 6
     rc = cli.main(["--checkpoint", str(ckpt), "--evaluator", ev_dir, "--tracking-uri", mlflow_uri, "--num-samples", "6",

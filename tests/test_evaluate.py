@@ -19,10 +19,14 @@ from elf_core.checkpoint import save_checkpoint
 from elf_core.config import SampleConfig, load_config
 from elf_core.encoder import load_tokenizer
 from elf_core.network import ELFNetwork
+from pipelines import checkpoints
 from pipelines import evaluate as cli
-from pipelines.eval_inputs import EvalError, apply_overrides, load_sampling_configs, run_name
-from pipelines.eval_session import EvalSession, resolve_checkpoint
-from pipelines.tracking import log_checkpoint_model, make_client, start_or_resume_run, ensure_experiment
+from pipelines.evaluation.inputs import EvalError, apply_overrides, load_sampling_configs, run_name
+from pipelines.evaluation.runner import default_checkpoint
+from pipelines.evaluation.session import EvalSession, load_network, official_config
+from pipelines.tracking.registry import register_checkpoint
+from pipelines.tracking.runs import create_run, ensure_experiment
+from pipelines.tracking.store import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -108,10 +112,12 @@ def test_weights_choice(ckpt):
     from safetensors.torch import load_file
 
     ema, raw = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "model.safetensors"))
-    auto = resolve_checkpoint(str(ckpt), tracking_uri="sqlite:////nonexistent/x.db")  # step 5 < 1/(1-0.999)
-    assert auto.weights == "raw" and torch.equal(auto.net.final_layer.linear.weight, raw["final_layer.linear.weight"])
-    forced = resolve_checkpoint(str(ckpt), use_ema=True, tracking_uri="sqlite:////nonexistent/x.db")
-    assert forced.weights == "ema" and torch.equal(forced.net.final_layer.linear.weight, ema["final_layer.linear.weight"])
+    with checkpoints.resolve(str(ckpt)) as auto:  # step 5 < 1/(1-0.999)
+        net = load_network(auto)
+    assert auto.weights == "raw" and torch.equal(net.final_layer.linear.weight, raw["final_layer.linear.weight"])
+    with checkpoints.resolve(str(ckpt), use_ema=True) as forced:
+        net = load_network(forced)
+    assert forced.weights == "ema" and torch.equal(net.final_layer.linear.weight, ema["final_layer.linear.weight"])
 
 
 def test_cli_logs_own_run(ckpt, ev_dir, mlflow_uri, tmp_path):
@@ -140,19 +146,20 @@ def test_cli_logs_own_run(ckpt, ev_dir, mlflow_uri, tmp_path):
 def test_cli_model_version_is_child_of_training_run(ckpt, ev_dir, mlflow_uri, tmp_path):
     client = make_client(mlflow_uri)
     exp_id = ensure_experiment("elf/local", client)
-    train_run = start_or_resume_run(exp_id, "local-default", client)
+    train_run = create_run(client, exp_id, "local-default", kind="training")
     # As pipelines/train.py registers checkpoints: no state.pt in the model version.
-    log_checkpoint_model(train_run, ckpt, "elf-local-default", client, alias="last",
-                         files=["model.safetensors", "ema.safetensors", "config.yaml", "meta.json"])
+    register_checkpoint(client, train_run, ckpt, "elf-local-default", alias="last",
+                        files=["model.safetensors", "ema.safetensors", "config.yaml", "meta.json"])
     base = ["--evaluator", ev_dir, "--tracking-uri", mlflow_uri, "--num-samples", "2", "--output-dir", str(tmp_path),
             "sample.steps=2", "sample.batch_size=2"]
     assert cli.main(["--checkpoint", "models:/elf-local-default@last", *base]) == 0
-    assert cli.main(base) == 0  # no --checkpoint: the embedded default's models:/elf-local-default/latest
+    assert cli.main(["--checkpoint", "models:/elf-local-default/latest", *base]) == 0
     runs = client.search_runs([exp_id], filter_string="tags.`elf.kind` = 'evaluation'")
     assert len(runs) == 2
-    for run in runs:
-        assert run.data.tags["mlflow.parentRunId"] == train_run
+    for run in runs:  # children of the training run, in its experiment: its page leads to them
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == train_run
         assert run.data.params["eval.model_version"] == "elf-local-default/1"
+        assert run.data.params["eval.checkpoint_pinned"] == "models:/elf-local-default/1"
         assert run.data.params["eval.checkpoint_step"] == "5" and "gen_ppl" in run.data.metrics
     assert {r.data.params["eval.checkpoint"] for r in runs} == {"models:/elf-local-default@last",
                                                                 "models:/elf-local-default/latest"}
@@ -257,7 +264,7 @@ def test_sampling_config_lists(tmp_path):
     with pytest.raises(EvalError, match=r"entry 1: unknown sampling key 'stepz' \(did you mean 'steps'\?\)"):
         load_sampling_configs(official)
     official.write_text("- sampler: euler\n")
-    with pytest.raises(EvalError, match="'sampler'='euler' is not one of"):
+    with pytest.raises(EvalError, match=r"entry 1: sample.sampler='euler' is not one of \['ode', 'sde'\]"):
         load_sampling_configs(official)
     assert apply_overrides(SC, ["sample.steps=64", "gamma=0.5"]).steps == 64
     with pytest.raises(EvalError, match="'steps' must be an integer"):
@@ -272,27 +279,32 @@ def test_official_checkpoint_takes_task_settings(ckpt, tmp_path):
     raw, ema = load_file(str(ckpt / "model.safetensors")), load_file(str(ckpt / "ema.safetensors"))
     path = tmp_path / "checkpoint_4321"
     torch.save({"params": raw, "ema_params1": ema, "step": 4321, "epoch": 1}, path)
-    ld = resolve_checkpoint(str(path), task="translation")
+    with checkpoints.resolve(str(path)) as ld:
+        net = load_network(ld)
+    cfg = official_config(ld, "translation", net)
     assert (ld.kind, ld.step, ld.weights) == ("official", 4321, "ema")
-    assert (ld.config.data.max_length, ld.config.data.max_input_length, ld.config.encoder.name) == (128, 64, "t5-small")
-    assert torch.equal(ld.net.final_layer.linear.weight, ema["final_layer.linear.weight"])
-    assert resolve_checkpoint(str(path), task="unconditional", use_ema=False).weights == "raw"
+    assert (cfg.data.max_length, cfg.data.max_input_length, cfg.encoder.name) == (128, 64, "t5-small")
+    assert torch.equal(net.final_layer.linear.weight, ema["final_layer.linear.weight"])
+    with checkpoints.resolve(str(path), use_ema=False) as raw_ld:
+        assert raw_ld.weights == "raw"
 
 
-def test_default_checkpoint_falls_back_to_storage(ckpt, mlflow_uri, tmp_path, monkeypatch):
-    """No registered model in the store: the newest checkpoint in the embedded default's Ray storage,
-    under the same root train.py writes to ($ELF_LAB_ROOT here)."""
+def test_default_checkpoint_is_the_embedded_defaults_run(ckpt, tmp_path, monkeypatch):
+    """No --checkpoint: the embedded default's run storage (its newest checkpoint), under the same
+    root train.py writes to ($ELF_LAB_ROOT here)."""
     import shutil
 
     monkeypatch.setenv("ELF_LAB_ROOT", str(tmp_path))
-    with pytest.raises(cli.UsageError, match="no checkpoint of the embedded default yet"):
-        cli.default_checkpoint(mlflow_uri)
+    with pytest.raises(EvalError, match="no checkpoint of the embedded default yet"):
+        default_checkpoint()
     for step in (3, 7):
-        dst = tmp_path / "outputs" / "ray" / "local-default" / f"checkpoint_2026-01-0{step}"
+        dst = tmp_path / "outputs" / "ray" / "local-default" / "attempt-1" / f"checkpoint_2026-01-0{step}"
         shutil.copytree(ckpt, dst)
         meta = json.loads((dst / "meta.json").read_text())
         (dst / "meta.json").write_text(json.dumps({**meta, "step": step}))
-    assert cli.default_checkpoint(mlflow_uri).endswith("checkpoint_2026-01-07")
+    assert default_checkpoint() == str(tmp_path / "outputs" / "ray" / "local-default")
+    with checkpoints.resolve(default_checkpoint()) as r:
+        assert r.step == 7 and r.path.name == "checkpoint_2026-01-07"
 
 
 def test_cli_refuses_cfg_for_unconditional(ckpt, ev_dir, mlflow_uri, tmp_path, capsys):

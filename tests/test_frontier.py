@@ -1,12 +1,12 @@
 """Frontier sweeps: Pareto extraction, search spaces and the plot (unit); small Ray Tune sweeps on the
 shared local Ray logging to a private MLflow store (integration): parent/child runs, CSVs, PNG,
 registry tags, a failing trial, an interrupted sweep resumed with ``Tuner.restore``, Optuna NSGA-II,
-and one sweep with the real :class:`pipelines.eval_session.EvalSession` on a tiny checkpoint.
+and one sweep with the real :class:`pipelines.evaluation.session.EvalSession` on a tiny checkpoint.
 
 Most sweeps use :class:`FakeSession` — a stand-in with EvalSession's interface whose metrics come
 from a table, so the Pareto set and the "best" point are known by hand. Ray workers cannot import
 test modules; this module is registered with cloudpickle *by value* so the fake travels inside
-the trial context (the trainable itself lives in ``pipelines.frontier``).
+the trial context (the trainable itself lives in ``pipelines.sweeps.trial``).
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.eval_session import EvalResult
-from pipelines.frontier import (Objective, SweepError, auto_min_entropy, best_point, constraint_tag_key,
-                                load_space, pareto_mask, settings_label)
-from pipelines.frontier_plot import FrontierSeries, plot_frontier
+from pipelines.evaluation.session import EvalResult
+from pipelines.sweeps.pareto import auto_min_entropy, best_point, collapse_note, constraint_tag_key, pareto_mask
+from pipelines.sweeps.plot import FrontierSeries, plot_frontier
+from pipelines.sweeps.settings import Objective, SweepError, load_sweep_config
+from pipelines.sweeps.space import settings_label
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "experiments" / "sweeps"
-UNCOND = (Objective("gen_ppl", "min"), Objective("entropy", "max"))
+UNCOND = [Objective("gen_ppl", "min"), Objective("entropy", "max")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -82,25 +83,44 @@ def test_best_point_rule_and_auto_threshold():
 
 
 def test_shipped_spaces_and_space_errors(tmp_path):
-    paper = load_space(SWEEPS / "uncond_paper.yaml")
+    paper = load_sweep_config(SWEEPS / "uncond_paper.yaml")
     assert paper.params == {"sc_cfg": [1.0, 2.0, 3.0, 4.0, 5.0], "gamma": [0.0, 0.5, 1.0, 1.5, 2.0],
                             "steps": [16, 32, 64], "grid": ["logit_normal", "uniform"]}
     assert paper.grid_size() == 150 and paper.objectives == UNCOND
     assert paper.reference["metrics"] == {"gen_ppl": 24.1, "entropy": 5.15}
-    cond = load_space(SWEEPS / "cond_paper.yaml")
+    cond = load_sweep_config(SWEEPS / "cond_paper.yaml")
     assert cond.task == "conditional" and "cfg" in cond.params and cond.objectives[0] == Objective("bleu", "max")
-    assert load_space(SWEEPS / "cpu_tiny.yaml").grid_size() == 12
+    tiny = load_sweep_config(SWEEPS / "cpu_tiny.yaml", ["search.kind=optuna", "search.trials=40", "fixed.num_samples=8"])
+    assert tiny.grid_size() == 12 and tiny.expected_trials() == 40 and tiny.fixed["num_samples"] == 8
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("params: {sc_cfgg: [1, 2]}\nobjectives: [{metric: gen_ppl, mode: min}, {metric: entropy, mode: max}]\n")
+    bad.write_text("params: {sc_cfgg: [1, 2]}\n")
     with pytest.raises(SweepError, match=r"bad\.yaml: params\.sc_cfgg is not a SampleConfig field"):
-        load_space(bad)
-    bad.write_text("params: {sc_cfg: [1]}\nobjectives: [{metric: gen_ppl, mode: lowest}]\n")
+        load_sweep_config(bad)
+    bad.write_text("params: {sc_cfg: [1]}\nobjectives: [{metric: gen_ppl, mode: lowest}, {metric: entropy}]\n")
+    with pytest.raises(SweepError, match=r"objectives\.0\.mode='lowest' is not one of \['min', 'max'\]"):
+        load_sweep_config(bad)
+    bad.write_text("params: {sc_cfg: [1]}\nobjectives: [{metric: gen_ppl, mode: min}]\n")
     with pytest.raises(SweepError, match="objectives must be two"):
-        load_space(bad)
+        load_sweep_config(bad)
     bad.write_text("params: {sc_cfg: [1]}\nobjective: []\n")
-    with pytest.raises(SweepError, match=r"unknown key\(s\) \['objective'\]"):
-        load_space(bad)
+    with pytest.raises(SweepError, match=r"bad\.yaml: .*objective"):
+        load_sweep_config(bad)
+    bad.write_text("params: {gamma: [1.0, -2.0]}\n")  # every value within its SampleConfig range
+    with pytest.raises(SweepError, match=r"sample\.gamma=-2\.0 is not in \[0, inf\)"):
+        load_sweep_config(bad)
+    with pytest.raises(SweepError, match=r"search\.cpus_per_trial=0\.0 is not in \(0, inf\)"):
+        load_sweep_config(SWEEPS / "cpu_tiny.yaml", ["search.cpus_per_trial=0"])
+    with pytest.raises(SweepError, match="a grid runs every point once"):
+        load_sweep_config(SWEEPS / "cpu_tiny.yaml", ["search.trials=3"])
+
+
+def test_a_collapsed_frontier_is_flagged():
+    rows = [dict(status="FINISHED", gen_ppl=p, entropy=e) for p, e in [(3.0, 0.41), (2.5, 0.2), (9.0, 0.35)]]
+    assert collapse_note(rows, UNCOND, 3.0) == "collapsed: entropy 0.41"
+    assert collapse_note(rows + [dict(status="FINISHED", gen_ppl=40.0, entropy=3.2)], UNCOND, 3.0) is None
+    assert collapse_note(rows, UNCOND, None) is None  # no constraint, no verdict
+    assert collapse_note([dict(status="FAILED")], UNCOND, 3.0) is None  # nothing finished: nothing to judge
 
 
 def _check_png(path: Path, min_bytes: int = 20_000) -> tuple[int, int]:
@@ -125,27 +145,32 @@ def test_plot_frontier_png(tmp_path):
                         reference={"label": "paper", "settings": {"steps": 32, "gamma": 1.5, "sc_cfg": 3.0},
                                    "metrics": {"gen_ppl": 24.1, "entropy": 5.15}})
     assert _check_png(out) == (1100, 715)
+    flagged = plot_frontier([FrontierSeries("m", rows), FrontierSeries("small", rows[:1], "collapsed: entropy 0.41")],
+                            tmp_path / "g.png", UNCOND, threshold=3.5)
+    assert _check_png(flagged) == (1100, 715)
 
 
 def test_cli_errors_name_the_culprit(mlflow_uri, tmp_path, capsys):
     from experiments.frontier_sweep import main
 
     missing = tmp_path / "no-such-checkpoint"
-    assert main(["--checkpoint", str(missing), "--tracking-uri", mlflow_uri, "--out", str(tmp_path)]) == 2
-    assert f"checkpoint '{missing}': not a directory, models:/ or runs:/ URI" in capsys.readouterr().err
+    out = f"out={tmp_path}"
+    assert main(["--checkpoint", str(missing), "--tracking-uri", mlflow_uri, out]) == 2
+    assert f"checkpoint not found: {missing}" in capsys.readouterr().err
     ck = tmp_path / "ck"
     ck.mkdir()
-    argv = ["--checkpoint", str(ck), "--tracking-uri", mlflow_uri, "--out", str(tmp_path), "--space",
-            str(SWEEPS / "cpu_tiny.yaml")]
-    assert main(argv + ["--num-samples", "3"]) == 2
-    assert "a grid search runs every point once" in capsys.readouterr().err
-    assert main(argv + ["--min-entropy", "lots"]) == 2
-    assert "--min-entropy / constraint.threshold must be a number, 'auto' or 'none', got 'lots'" in capsys.readouterr().err
+    argv = ["--checkpoint", str(ck), "--tracking-uri", mlflow_uri, out, "--space", str(SWEEPS / "cpu_tiny.yaml")]
+    assert main(argv + ["search.trials=3"]) == 2
+    assert "a grid runs every point once" in capsys.readouterr().err
+    assert main(argv + ["constraint.threshold=lots"]) == 2
+    assert "constraint.threshold must be a number, 'auto' or 'none', got 'lots'" in capsys.readouterr().err
     assert main(argv + ["--resume"]) == 2
     assert "--resume: no sweep named 'ck--cpu-tiny'" in capsys.readouterr().err
-    assert main(["--checkpoint", str(ck), "--tracking-uri", mlflow_uri, "--space",
-                 str(SWEEPS / "cond_paper.yaml")]) == 2
+    assert main(["--checkpoint", str(ck), "--tracking-uri", mlflow_uri, "--space", str(SWEEPS / "cond_paper.yaml")]) == 2
     assert "cond_paper.yaml is a conditional space but checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad_choice:  # argparse: an unknown choice, exit status 2
+        main(argv + ["--weights", "warm"])
+    assert bad_choice.value.code == 2 and "invalid choice: 'warm'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,15 +236,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_000001", model=net, config=cfg, step=1)
 
 
-def register(uri: str, ckpt: Path, files=("config.yaml",), name: str = "elf-tiny-sweep") -> str:
-    from pipelines import tracking
+def register(uri: str, ckpt: Path, files=("config.yaml", "meta.json"), name: str = "elf-tiny-sweep") -> tuple[str, str]:
+    """``(models:/ URI, training run id)``: the checkpoint registered from a finished training run."""
+    from pipelines.tracking import registry, runs
+    from pipelines.tracking.store import make_client
 
-    client = tracking.make_client(uri)
-    exp = tracking.ensure_experiment("elf/test-train", client)
-    run = client.create_run(exp, run_name="tiny-sweep").info.run_id
-    version = tracking.log_checkpoint_model(run, ckpt, name, client, alias="last", files=list(files))
+    client = make_client(uri)
+    exp = runs.ensure_experiment("elf/test-train", client)
+    run = runs.create_run(client, exp, "tiny-sweep", kind="training")
+    version = registry.register_checkpoint(client, run, ckpt, name, alias="last", files=list(files))
     client.set_terminated(run, "FINISHED")
-    return f"models:/{name}/{version}"
+    return f"models:/{name}/{version}", run
 
 
 def write_space(tmp_path: Path, sc_cfg: list, gamma: list, extra: str = "") -> Path:
@@ -235,17 +262,21 @@ reference: {{label: paper, settings: {{gamma: 1.0, sc_cfg: 2.0}}, metrics: {{gen
     return p
 
 
-def sweep(uri, tmp_path, checkpoint, space, factory, **kw):
-    from experiments.frontier_sweep import run_sweep
+def sweep(uri, tmp_path, checkpoint, space, factory, *, resume=False, name=None, **settings):
+    """One sweep through run_sweep; ``settings`` are SweepConfig dot-list keys (``search__kind`` ->
+    ``search.kind``)."""
+    from pipelines.sweeps.run import run_sweep
 
-    kw.setdefault("max_concurrent", 1)  # one reused worker: the cheapest on 2 cores
-    return run_sweep(checkpoint, space=space, tracking_uri=uri, out_root=tmp_path / "sweeps", experiment="elf/test-frontier",
-                     session_factory=factory, verbose=0, **kw)
+    settings.setdefault("search__max_concurrent", 1)  # one reused worker: the cheapest on 2 cores
+    overrides = [f"out={tmp_path / 'sweeps'}", "experiment=elf/test-frontier"]
+    overrides += [f"{k.replace('__', '.')}={v}" for k, v in settings.items()]
+    return run_sweep(checkpoint, load_sweep_config(space, overrides), name=name, resume="yes" if resume else "no",
+                     tracking_uri=uri, session_factory=factory, verbose=0)
 
 
 def runs_of(uri, outcome):
-    from pipelines.frontier import child_runs
-    from pipelines.tracking import make_client
+    from pipelines.tracking.runs import child_runs
+    from pipelines.tracking.store import make_client
 
     client = make_client(uri)
     return client, client.get_run(outcome.parent_run_id), child_runs(client, outcome.experiment_id, outcome.parent_run_id)
@@ -260,14 +291,17 @@ def log_lines(path: Path) -> list[str]:
 
 
 def test_small_sweep_parent_children_csv_png_tags_and_a_failed_trial(ray_local, mlflow_uri, tmp_path, tiny_checkpoint):
-    model_uri = register(mlflow_uri, tiny_checkpoint)
+    model_uri, train_run = register(mlflow_uri, tiny_checkpoint)
     calls = tmp_path / "calls.log"
     factory = functools.partial(FakeSession, log_path=str(calls))
     space = write_space(tmp_path, [1.0, 2.0, 3.0, 99.0], [1.0])
-    out = sweep(mlflow_uri, tmp_path, model_uri, space, factory, min_entropy=3.9)
+    out = sweep(mlflow_uri, tmp_path, model_uri, space, factory, constraint__threshold=3.9)
 
     client, parent, children = runs_of(mlflow_uri, out)
     assert out.status == "FINISHED" and parent.info.status == "FINISHED"
+    # A sweep of a training run's checkpoint is a child of that training run: its page leads here.
+    assert parent.data.tags["mlflow.parentRunId"] == train_run
+    assert parent.info.experiment_id == client.get_run(train_run).info.experiment_id
     assert parent.data.tags["elf.kind"] == "frontier-sweep" and parent.info.run_name == out.name
     assert len(children) == 4 and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     by_w = {float(c.data.params["sc_cfg"]): c for c in children}
@@ -318,16 +352,19 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     calls = tmp_path / "calls.log"
     factory = functools.partial(FakeSession, log_path=str(calls), delay_s=0.3)
     space = write_space(tmp_path, [1.0, 2.0, 4.0], [0.0, 1.0])  # 6 trials
-    first = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, max_concurrent=1, max_trials=2)
+    first = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, search__max_trials=2)
     client, parent, children = runs_of(mlflow_uri, first)
     assert first.status == "KILLED" and parent.info.status == "KILLED"
+    # A foreign checkpoint (no training run in this store) keeps its own parent, in the sweep experiment.
+    assert "mlflow.parentRunId" not in parent.data.tags
+    assert client.get_experiment(parent.info.experiment_id).name == "elf/test-frontier"
     assert parent.data.tags["elf.sweep.state"] == "interrupted"
     assert not [c for c in children if c.info.status == "RUNNING"], "no RUNNING zombies after an interruption"
     done_before = {(c.data.params["sc_cfg"], c.data.params["gamma"]) for c in children if c.info.status == "FINISHED"}
     assert len(done_before) >= 2 and len(children) < 6
     n_lines = len(log_lines(calls))
 
-    second = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, resume=True, max_concurrent=1)
+    second = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, resume=True)
     client, parent, children = runs_of(mlflow_uri, second)
     assert second.parent_run_id == first.parent_run_id and second.name == first.name
     assert second.status == "FINISHED" and parent.info.status == "FINISHED"
@@ -346,8 +383,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
 def test_optuna_nsga2_sweep(ray_local, mlflow_uri, tmp_path, tiny_checkpoint):
     pytest.importorskip("optuna")
     space = write_space(tmp_path, [1.0, 2.0, 3.0, 4.0], [0.0, 1.0])
-    out = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, FakeSession, search="optuna", num_samples=3,
-                seed=1, min_entropy="none")
+    out = sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, FakeSession, search__kind="optuna",
+                search__trials=3, search__seed=1, constraint__threshold="none")
     client, parent, children = runs_of(mlflow_uri, out)
     assert out.status == "FINISHED" and len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert parent.data.params["search"] == "optuna"
@@ -358,12 +395,12 @@ def test_optuna_nsga2_sweep(ray_local, mlflow_uri, tmp_path, tiny_checkpoint):
 
 def test_sweep_with_the_real_eval_session(ray_local, mlflow_uri, tmp_path, tiny_checkpoint):
     """3 trials of the real EvalSession (tiny random-weight ELF + the offline SmolLM2 evaluator)."""
-    model_uri = register(mlflow_uri, tiny_checkpoint, files=("model.safetensors", "config.yaml", "meta.json"))
+    model_uri, _ = register(mlflow_uri, tiny_checkpoint, files=("model.safetensors", "config.yaml", "meta.json"))
     # A real failing trial (the sampler refuses steps=0) is left to the fake sweeps: an errored trial's
     # actor is not reused, so every failure here would cost another model + evaluator load.
     space = write_space(tmp_path, [1.0, 2.0, 3.0], [1.0])
     t0 = time.perf_counter()
-    out = sweep(mlflow_uri, tmp_path, model_uri, space, None, evaluator="smollm2", max_concurrent=1)
+    out = sweep(mlflow_uri, tmp_path, model_uri, space, None, scoring__evaluator="smollm2")
     wall = time.perf_counter() - t0
     client, parent, children = runs_of(mlflow_uri, out)
     assert out.status == "FINISHED" and len(children) == 3

@@ -92,7 +92,7 @@ def load_network(ckpt: checkpoints.ResolvedCheckpoint) -> torch.nn.Module:
     return net.eval()
 
 
-def _official_config(ckpt: checkpoints.ResolvedCheckpoint, task: Optional[str], net: torch.nn.Module):
+def official_config(ckpt: checkpoints.ResolvedCheckpoint, task: Optional[str], net: torch.nn.Module):
     cfg = load_config(EXPERIMENTS_DIR / OFFICIAL_TASK_CONFIGS[task or "unconditional"])
     return dataclasses.replace(cfg, name=f"official-{ckpt.path.name}", model=net.cfg)
 
@@ -111,7 +111,7 @@ class EvalSession:
         self.checkpoint_spec = str(checkpoint)
         with checkpoints.resolve(self.checkpoint_spec, tracking_uri=tracking_uri, use_ema=use_ema) as ckpt:
             self.ckpt, net = ckpt, load_network(ckpt)
-        self.config = cfg = ckpt.config or _official_config(ckpt, task, net)
+        self.config = cfg = ckpt.config or official_config(ckpt, task, net)
         self.task = self._task(task)
         self.net = net.to(self.device).eval()
         self.encoder = FrozenEncoder.from_config(cfg.encoder, self.device)

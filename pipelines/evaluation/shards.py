@@ -90,7 +90,7 @@ class ShardWorker:
 
         self.session = s = EvalSession(checkpoint, evaluator=None, task=task, references=references, device=device,
                                        use_ema=use_ema, tracking_uri=tracking_uri)
-        return {"step": s.loaded.step, "weights": s.loaded.weights, "task": s.task, "device": str(s.device),
+        return {"step": s.ckpt.step, "weights": s.ckpt.weights, "task": s.task, "device": str(s.device),
                 "bf16": s.bf16, "threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
 
     def sample(self, sample_cfg: SampleConfig, n: int, seed: int, batches: list[int]) -> list[dict]:

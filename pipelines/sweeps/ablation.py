@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from elf_core.config import ExperimentConfig, load_config
+from elf_core.config import ExperimentConfig, load_config, load_structured
 from elf_core.errors import ElfError
 from elf_core.validation import check_values, ranged
 from pipelines.infra.paths import PROJECT_ROOT, absolutise, under_root
@@ -65,12 +62,7 @@ def load_ablation_config(path: str | Path, overrides: list[str] = ()) -> Ablatio
     p = Path(path)
     if not p.is_file():
         raise SweepError(f"ladder file not found: {p}")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(AblationConfig), OmegaConf.load(p),
-                              *[OmegaConf.from_dotlist([o]) for o in overrides])
-    except (OmegaConfBaseException, ValueError) as e:
-        raise SweepError(f"{p}: {str(e).splitlines()[0]}") from None
-    obj: AblationConfig = OmegaConf.to_object(cfg)
+    obj: AblationConfig = load_structured(AblationConfig, p, list(overrides), SweepError)
     obj.ladder, obj.path = obj.ladder or p.stem, str(p)
     check_values(obj, str(p), SweepError)
     for r in obj.rungs:

@@ -10,11 +10,13 @@ read back here (trials that finished in MLflow but not in Tune report their stor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import posixpath
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from elf_core.config import SampleConfig
 from pipelines.sweeps.pareto import mark_pareto
 from pipelines.sweeps.settings import SETTING_KEYS, SweepConfig
 from pipelines.sweeps.space import settings_label
@@ -45,7 +47,7 @@ def rows_from_grid(grid: Any, cfg: SweepConfig) -> list[dict[str, Any]]:
         metrics = dict(result.metrics or {})
         if result.error is None and "mlflow_run_id" not in metrics:
             continue  # never ran (a sweep stopped early): nothing to show yet
-        settings = {**cfg.fixed, **_trial_config(result)}
+        settings = {**dataclasses.asdict(SampleConfig()), **cfg.fixed, **_trial_config(result)}  # what the trial ran
         row: dict[str, Any] = {"trial_id": metrics.get("trial_id") or posixpath.basename(result.path),
                                "status": "FAILED" if result.error is not None else "FINISHED"}
         row.update({k: settings[k] for k in (*SETTING_KEYS, "num_samples", "seed") if k in settings})

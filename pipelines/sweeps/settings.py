@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from elf_core.config import SampleConfig
+from elf_core.config import SampleConfig, load_structured
 from elf_core.errors import ElfError
 from elf_core.validation import check_values, ranged
 
@@ -101,13 +98,6 @@ class SweepConfig:
         return self.task == "conditional"
 
 
-def _merge(base: Any, other: Any, origin: str) -> Any:
-    try:
-        return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
-        raise SweepError(f"{origin}: {str(e).splitlines()[0]} (key {getattr(e, 'full_key', '?')})") from None
-
-
 def _check_params(cfg: SweepConfig, origin: str) -> None:
     for where, keys in (("fixed", cfg.fixed), ("params", cfg.params)):
         for k in keys:
@@ -146,21 +136,11 @@ def _check(cfg: SweepConfig, origin: str) -> SweepConfig:
 
 def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
     """Defaults <- the space YAML <- dot-list overrides, checked; errors name the file and the key."""
-    p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"search space file not found: {p}")
-    try:
-        raw = OmegaConf.load(p)
-    except Exception as e:  # yaml errors carry line / column
-        raise SweepError(f"{p}: not valid YAML: {e}") from None
-    cfg = _merge(OmegaConf.structured(SweepConfig), raw, str(p))
-    for item in overrides:
-        if "=" not in item:
-            raise SweepError(f"override '{item}': expected key=value (e.g. search.kind=optuna)")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
-    obj: SweepConfig = OmegaConf.to_object(cfg)
-    obj.name, obj.path = obj.name or p.stem, str(p)
-    return _check(obj, str(p) + (f" + overrides [{' '.join(overrides)}]" if overrides else ""))
+    if not Path(path).is_file():
+        raise SweepError(f"search space file not found: {path}")
+    obj: SweepConfig = load_structured(SweepConfig, path, list(overrides), SweepError)
+    obj.name, obj.path = obj.name or Path(path).stem, str(path)
+    return _check(obj, str(path) + (f" + overrides [{' '.join(overrides)}]" if overrides else ""))
 
 
 __all__ = ["SweepConfig", "Objective", "Constraint", "Search", "Scoring", "SweepError", "load_sweep_config",

@@ -58,7 +58,7 @@ def _resume(state: ws.WorkerState, loop_cfg: dict[str, Any], device: torch.devic
 def _step_metrics(metrics: dict[str, float], cfg: ExperimentConfig, state: ws.WorkerState, pos: DataPosition,
                   first_row: int, peak: float | None) -> dict[str, float]:
     tokens = cfg.train.global_batch_size * cfg.data.max_length
-    metrics["tokens_per_s"] = tokens / metrics["step_time_s"]
+    metrics["tokens_per_s"] = tokens / metrics["step_time_s"]  # step_time_s: mean over the interval
     metrics["tflops_per_s_per_worker"] = metrics["flops"] / metrics["step_time_s"] / 1e12
     if peak is not None:  # MFU with the FLOPs this step executed (elf_core.flops)
         metrics["mfu"] = metrics["flops"] / metrics["step_time_s"] / peak
@@ -77,13 +77,18 @@ def _train(state: ws.WorkerState, cfg: ExperimentConfig, loop_cfg: dict[str, Any
     while trainer.step_count < n_steps:
         pos, local_rows = next(batches)
         ws.inject_failure(loop_cfg.get("inject_failure"), trainer.step_count, rank, loop_cfg["marker_dir"])
-        metrics = trainer.step(state.collate([state.rows[i] for i in local_rows]))
+        step_metrics = trainer.step(state.batch(local_rows), sync=False)  # no host sync inside the step
         step, position = trainer.step_count, state.order.advance(pos)
-        metrics = _step_metrics(metrics, cfg, state, pos, local_rows[0], peak)
-        if rank == 0 and (step % cfg.train.log_every == 0 or step in (1, n_steps)):
+        due_log = step % cfg.train.log_every == 0 or step in (1, n_steps)
+        due_ckpt = step % cfg.train.checkpoint_every == 0 or step == n_steps
+        if not (due_log or due_ckpt):
+            continue
+        # The one sync (and all-reduce) of the interval: every rank reaches it at the same steps.
+        metrics = _step_metrics(step_metrics.materialize(), cfg, state, pos, local_rows[0], peak)
+        if rank == 0 and due_log:
             logger.log(metrics, step=step)
             progress.update(step, metrics)
-        if step % cfg.train.checkpoint_every == 0 or step == n_steps:
+        if due_ckpt:
             ckpt_dir = ws.save(trainer, cfg, position, run, rank)
             if rank == 0:
                 logger.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 import ray.train
 
@@ -24,6 +25,7 @@ from elf_core.config import ExperimentConfig
 from elf_core.data import training_rows
 from elf_core.encoder import FrozenEncoder
 from elf_core.flops import model_flops
+from elf_core.latent_cache import LatentCache, latent_cache_for
 from elf_core.network import ELFNetwork
 from elf_core.parallel import gather_full_state, is_sharded, wrap_for_training
 from elf_core.trainer import ELFTrainer
@@ -40,6 +42,26 @@ class WorkerState:
     collate: Collator
     order: ShardedBatchOrder
     trainer: ELFTrainer
+    latents: Optional[LatentCache] = None  # data.cache_latents: the encoder's outputs, computed once
+
+    def batch(self, indices: list[int]) -> dict[str, Any]:
+        """The collated rows (and their cached latents, when there is a cache)."""
+        batch = self.collate([self.rows[i] for i in indices])
+        if self.latents is not None:
+            batch["latents"] = self.latents.rows(indices)
+        return batch
+
+
+def latent_cache(cfg: ExperimentConfig, rows: Any, collate: Collator, encoder: FrozenEncoder) -> Optional[LatentCache]:
+    """``data.cache_latents``: the first worker on each machine builds the cache (with a progress
+    bar) while the others wait at a barrier, then every worker memory-maps the same file."""
+    if not cfg.data.cache_latents:
+        return None
+    builder = ray.train.get_context().get_local_rank() == 0
+    cache = latent_cache_for(cfg.data, rows, collate, encoder, progress=True) if builder else None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return cache or latent_cache_for(cfg.data, rows, collate, encoder, progress=False)
 
 
 def build(cfg: ExperimentConfig, device: torch.device, rank: int, world: int) -> WorkerState:
@@ -61,7 +83,7 @@ def build(cfg: ExperimentConfig, device: torch.device, rank: int, world: int) ->
                      encoder_dim=encoder.dim, encoder_ff=getattr(hf, "d_ff", getattr(hf, "intermediate_size", 0)))
     trainer = ELFTrainer(cfg, net, encoder, device=device, steps_per_epoch=order.steps_per_epoch,
                          rank=rank, world_size=world, wrap=wrap, model_flops=mf)
-    return WorkerState(encoder, rows, probe_rows, collate, order, trainer)
+    return WorkerState(encoder, rows, probe_rows, collate, order, trainer, latent_cache(cfg, rows, collate, encoder))
 
 
 def restore(trainer: ELFTrainer, directory: str, device: torch.device) -> DataPosition:
