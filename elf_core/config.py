@@ -149,6 +149,10 @@ class TrainConfig:
     checkpoint_every: int = ranged(1000, **_POS)
     keep_checkpoints: int = ranged(3, **_POS)  # complete checkpoints kept over all attempts of a run
     output_dir: str = "outputs"
+    # Evaluation beside training (pipelines/training/evaluator.py): every N steps (a multiple of
+    # checkpoint_every), or every E epochs (rounded to the nearest multiple of checkpoint_every).
+    eval_every: Optional[int] = ranged(None, **_POS)
+    eval_every_epochs: Optional[float] = ranged(None, gt=0)
 
 
 @dataclass
@@ -176,6 +180,8 @@ class RayConfig:
     strategy: str = ranged("ddp", choices=("ddp", "fsdp2"))  # fsdp2: sharded params/grads/optimizer state
     storage_path: str = "outputs/ray"  # local dir, NFS mount or s3://… ; relative = under the project
     max_failures: int = ranged(2, ge=0)  # Ray Train restarts from the latest checkpoint this many times
+    eval_cpus: float = ranged(1.0, ge=0)  # the evaluator beside training (train.eval_every): its own resources
+    eval_gpus: float = ranged(0.0, ge=0)  # a fraction of a GPU is fine
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a local Ray instance
 
 
@@ -190,6 +196,17 @@ class TrackingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What the evaluator beside training measures at each due checkpoint (``train.eval_every``)."""
+
+    evaluator: str = "auto"  # Gen-PPL model: auto = gpt2-large when loadable, else the offline smollm2 proxy
+    evaluator_dtype: str = ranged("float32", choices=("float32", "bfloat16", "float16"))
+    num_samples: Optional[int] = ranged(None, **_POS)  # None: sample.num_samples
+    sampling: Optional[str] = None  # a sampling-list YAML (experiments/sampling/); None: the `sample` section
+    references: Optional[str] = None  # conditional tasks: None = data.eval_source
+
+
+@dataclass
 class ExperimentConfig:
     """The root: one experiment."""
 
@@ -201,6 +218,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -301,6 +319,13 @@ def resolve(cfg: ExperimentConfig, origin: str = "config") -> ExperimentConfig:
         raise ConfigError(f"{origin}: head_dim {m.hidden_size // m.num_heads} must be even for RoPE")
     if cfg.flow.sc_cfg_max < cfg.flow.sc_cfg_min:
         raise ConfigError(f"{origin}: flow.sc_cfg_max ({cfg.flow.sc_cfg_max}) is below flow.sc_cfg_min ({cfg.flow.sc_cfg_min})")
+    t = cfg.train
+    if t.eval_every is not None and t.eval_every_epochs is not None:
+        raise ConfigError(f"{origin}: set train.eval_every or train.eval_every_epochs, not both")
+    if t.eval_every is not None and t.eval_every % t.checkpoint_every:
+        raise ConfigError(f"{origin}: train.eval_every={t.eval_every} is not a multiple of train.checkpoint_every="
+                          f"{t.checkpoint_every} (the evaluator scores checkpoints); use e.g. "
+                          f"train.eval_every={max(1, round(t.eval_every / t.checkpoint_every)) * t.checkpoint_every}")
     if cfg.data.task == "conditional" and cfg.data.max_input_length is None:
         raise ConfigError(f"{origin}: data.max_input_length is required for data.task=conditional")
     if cfg.data.max_input_length is not None and cfg.data.max_input_length >= cfg.data.max_length:

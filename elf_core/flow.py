@@ -258,7 +258,10 @@ def flow_loss(net, x0: torch.Tensor, input_ids: torch.Tensor, cond: torch.Tensor
     ids = input_ids if dec_rows is None else input_ids[dec_rows.keep]
     if dec_rows is not None:
         logits = logits[:dec_rows.n]  # drop the padded rows' logits (they get no gradient)
-    ce_rows = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (n_dec, S)
+    # Per-token CE over the vocabulary, with the class dim last and contiguous: (n·S, V) rows. The
+    # same numbers as cross_entropy on the (n, V, S) transpose, without its strided log-softmax.
+    V = logits.shape[-1]
+    ce_rows = F.cross_entropy(logits.float().reshape(-1, V), ids.reshape(-1), reduction="none").view(ids.shape)
     hit = (logits.detach().argmax(-1) == ids).float()
     if dec_rows is None:
         ce, correct = ce_rows, hit

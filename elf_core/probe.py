@@ -3,8 +3,8 @@
 At the start and the end of training (and whenever called), on a fixed held-out batch with fixed
 noise: the flow loss and its branches, and the **clean-latent decode accuracy** — the fraction of
 valid tokens that ``net([x, 0], t = 1, gate = 1)`` maps back to their own ids — plus a few generated
-samples. Fixed data and fixed seeds make start and end directly comparable: the measurements are
-one series per metric (``probe/loss`` at step 0 and at the end, ...), logged at the step measured.
+samples. Fixed data and fixed seeds make start and end directly comparable: logged at the step
+measured, each metric is one series (step 0 and the end).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class QualityProbe:
 
     @torch.no_grad()
     def measure(self, net) -> dict[str, float]:
-        """``{"probe/loss", "probe/ce", "probe/l2", "probe/decode_acc", "probe/clean_decode_acc"}``."""
+        """``{"loss", "ce", "l2", "decode_acc", "clean_decode_acc"}`` on the held-out batch."""
         was_training = net.training
         net.eval()
         try:
@@ -46,8 +46,8 @@ class QualityProbe:
             acc = ((logits.argmax(-1) == self.batch["input_ids"]).float() * valid).sum() / valid.sum()
         finally:
             net.train(was_training)
-        m = {f"probe/{k}": float(v) for k, v in out.metrics.items() if "tokens" not in k}
-        m["probe/clean_decode_acc"] = float(acc)
+        m = {k: float(v) for k, v in out.metrics.items() if "tokens" not in k}
+        m["clean_decode_acc"] = float(acc)
         return m
 
     def samples(self, net, n: int) -> list[str]:

@@ -135,9 +135,9 @@ def _attempt_dirs(root: str | Path) -> list[str]:
 def rotate_checkpoints(root: str | Path, keep: int, *, current_attempt: str | None = None,
                        protect: Iterable[str] = ()) -> list[str]:
     """Keep the ``keep`` newest complete checkpoints (by step) over all attempts of a run; delete
-    the others — except those of ``current_attempt`` (Ray Train rotates its own attempt with the same
-    ``keep``) and those in ``protect`` (e.g. a checkpoint being evaluated). Attempts left without a
-    checkpoint are removed too. Returns the deleted locations."""
+    the others — except those of ``current_attempt`` (when Ray is left to rotate that attempt) and
+    those in ``protect`` (e.g. a checkpoint being evaluated). Attempts left without a checkpoint are
+    removed too (never ``current_attempt``). Returns the deleted locations."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     found = list_checkpoints(root, on_incomplete=lambda *_: None)

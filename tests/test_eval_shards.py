@@ -44,24 +44,6 @@ def ckpt(tmp_path_factory) -> Path:
     return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_00000005", [])
 
 
-@pytest.fixture(scope="module")
-def ev_dir(tmp_path_factory) -> str:
-    """A one-layer GPT-2 over bytes (every text tokenises), saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_layer=1, n_embd=16, n_head=2, n_positions=1024))
-    d = tmp_path_factory.mktemp("evaluator") / "byte-gpt2"
-    model.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(d)
-    return str(d)
-
-
 # ----------------------------------------------------------------------------------------------
 def test_split_batches():
     assert split_batches(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]

@@ -58,26 +58,6 @@ def cond_ckpt(tmp_path_factory) -> Path:
                              "data.pad_token=eos"])
 
 
-@pytest.fixture(scope="module")
-def ev_dir(tmp_path_factory) -> str:
-    """A one-layer GPT-2 over bytes (every text tokenises), saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_layer=1, n_embd=16, n_head=2, n_positions=1024))
-    d = tmp_path_factory.mktemp("evaluator") / "byte-gpt2"
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
-    return str(d)
-
-
 def _direct_ppl(ev_path: str, texts: list[str]) -> M.PerplexityResult:
     from elf_core.evaluator import load_evaluator
 

@@ -102,7 +102,7 @@ def test_ray_job_submit_trains_and_logs(head, tmp_path):
     assert "[elf] done" in proc.stdout and "step 6/6" in proc.stdout
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("elf/local").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.metrics["loss"] > 0
+    assert run.info.status == "FINISHED" and run.data.metrics["curves/loss"] > 0
     assert run_checkpoints(tmp_path / "ray", "submitted")[-1][0] == 6
 
 
@@ -146,5 +146,5 @@ def test_killed_driver_resumes_when_resubmitted(head, tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["elf.resume_count"] == "1"
     assert "ray job stop" not in run.data.tags.get("elf.error", "")  # the stop ended it KILLED, then it was reattached
-    history = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    history = {m.step for m in client.get_metric_history(run.info.run_id, "curves/loss")}
     assert max(history) == steps

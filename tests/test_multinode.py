@@ -344,11 +344,11 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     assert len(runs) == 1, [r.info.run_name for r in runs]
     run = runs[0]
     assert run.info.status == "FINISHED"
-    loss_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    loss_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "curves/loss")})
     assert loss_steps[-1] == MAX_STEPS and CKPT_EVERY in loss_steps
     assert all(
         any(m.step == MAX_STEPS for m in client.get_metric_history(run.info.run_id, key))
-        for key in ("loss", "lr", "grad_norm", "tokens_per_s")
+        for key in ("curves/loss", "lr", "grad_norm", "tokens_per_s")
     )
     print(f"\n[multinode] cluster up {two_nodes.startup_s:.1f} s; driver to kill {t_kill - t0:.1f} s "
           f"(committed step {at_kill}); kill to finish {t_end - t_kill:.1f} s; resumed at {resumed}")

@@ -35,7 +35,7 @@ def _runs(client: MlflowClient, name: str = NAME) -> list:
                   key=lambda r: r.info.start_time) if exp else []
 
 
-def _steps(client: MlflowClient, run_id: str, key: str = "loss") -> dict[int, float]:
+def _steps(client: MlflowClient, run_id: str, key: str = "curves/loss") -> dict[int, float]:
     return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
@@ -91,7 +91,7 @@ def test_a_longer_schedule_continues_the_same_mlflow_run_and_keep_k_spans_attemp
     assert run.info.status == "FINISHED" and run.data.tags["elf.resume_count"] == "1"
     assert run.data.tags["elf.resubmitted.train.max_steps"] == "10"  # params are immutable: the change is a tag
     assert sorted(_steps(client, first)) == list(range(1, 11))  # metrics carried on from step 7
-    assert sorted(_steps(client, first, "probe/loss")) == [0, 6, 10]
+    assert sorted(_steps(client, first, "curves/probe_loss")) == [0, 6, 10]
     assert len(_attempts(tmp)) == 1  # the first attempt held only rotated-away checkpoints: removed
     found = checkpoints.list_checkpoints(tmp / "ray" / NAME)
     assert [c.step for c in found] == [8, 10]  # train.keep_checkpoints=2 over all attempts
@@ -151,4 +151,4 @@ def test_resubmissions_on_s3_resume_and_keep_k(s3_env, tmp_path, capsys):
     client = MlflowClient(uri)
     (run,) = _runs(client, "on-s3")  # one MLflow run for the whole history
     assert sorted(_steps(client, run.info.run_id)) == list(range(1, 9))
-    assert sorted(_steps(client, run.info.run_id, "probe/loss")) == [0, 4, 6, 8]
+    assert sorted(_steps(client, run.info.run_id, "curves/probe_loss")) == [0, 4, 6, 8]

@@ -75,15 +75,15 @@ def test_two_workers_learn_and_everything_lands_in_mlflow(shared, reference):
     assert run.data.params["flow.p_mean"] == "-1.5"
     assert "elf.hostname" in run.data.tags and "mlflow.source.git.commit" in run.data.tags
     # metrics at every step, and the held-out probe improves
-    loss = _history(client, reference, "loss")
+    loss = _history(client, reference, "curves/loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in loss.values())
-    for key in ("ce", "l2", "lr", "grad_norm", "tokens_per_s", "step_time_s", "decode_acc"):
+    for key in ("curves/ce", "curves/l2", "lr", "grad_norm", "tokens_per_s", "step_time_s", "curves/decode_acc"):
         assert key in run.data.metrics, key
-    probe = _history(client, reference, "probe/loss")  # one series: at step 0 and at the end
+    probe = _history(client, reference, "curves/probe_loss")  # one series: at step 0 and at the end
     assert sorted(probe) == [0, STEPS]
     assert probe[STEPS] < 0.98 * probe[0]  # measured: 3.75 -> 3.62 in 8 steps
-    assert sorted(_history(client, reference, "probe/clean_decode_acc")) == [0, STEPS]
+    assert sorted(_history(client, reference, "curves/probe_clean_decode_acc")) == [0, STEPS]
     # artifacts: resolved config, samples, checkpoint; a registered model version with alias "last"
     arts = {a.path for a in client.list_artifacts(reference, "samples")}
     assert {"samples/final.jsonl", "samples/start.jsonl"} <= arts
@@ -106,7 +106,7 @@ def test_failed_worker_resumes_with_same_data_order_and_loss(shared, reference, 
     assert client.get_run(run_id).info.status == "FINISHED"
     ref_rows, rows = _history(client, reference, "data_first_row"), _history(client, run_id, "data_first_row")
     assert rows == ref_rows  # every step saw the same batch as the uninterrupted run: none repeated or skipped
-    ref_loss, loss = _history(client, reference, "loss"), _history(client, run_id, "loss")
+    ref_loss, loss = _history(client, reference, "curves/loss"), _history(client, run_id, "curves/loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):  # the resumed loss curve continues the original one
         assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4, abs=1e-5), step
@@ -123,12 +123,12 @@ def test_fsdp2_workers_follow_the_ddp_run_through_a_worker_death(shared, referen
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["ray.strategy"] == "fsdp2"
     assert _history(client, run_id, "data_first_row") == _history(client, reference, "data_first_row")
-    ref_loss, loss = _history(client, reference, "loss"), _history(client, run_id, "loss")
+    ref_loss, loss = _history(client, reference, "curves/loss"), _history(client, run_id, "curves/loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert loss[step] == pytest.approx(ref_loss[step], rel=1e-4, abs=1e-5), step
     ref_m = client.get_run(reference).data.metrics
-    assert run.data.metrics["probe/loss"] == pytest.approx(ref_m["probe/loss"], rel=1e-4)
+    assert run.data.metrics["curves/probe_loss"] == pytest.approx(ref_m["curves/probe_loss"], rel=1e-4)
     assert any((tmp / "fsdp2" / "out" / "fsdp2" / "failure-markers").iterdir())
     assert checkpoints.newest_checkpoint(tmp / "fsdp2" / "ray" / "fsdp2").step == STEPS
 

@@ -28,7 +28,7 @@ import torch
 
 from elf_core.checkpoint import EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointError, build_network, load_checkpoint
 from elf_core.collate import Collator
-from elf_core.config import SampleConfig, load_config
+from elf_core.config import ExperimentConfig, SampleConfig, load_config
 from elf_core.encoder import FrozenEncoder
 from elf_core.evaluator import Evaluator, load_evaluator
 from elf_core.metrics import conditional_metrics, drop_empty
@@ -100,26 +100,28 @@ def official_config(ckpt: checkpoints.ResolvedCheckpoint, task: Optional[str], n
 class EvalSession:
     """Model + encoder + evaluator loaded once; :meth:`evaluate` samples and scores one sampling config."""
 
-    def __init__(self, checkpoint: str, *, evaluator: str | Evaluator | None = "auto", evaluator_dtype: str = "float32",
-                 task: str | None = None, references: str | None = None, device: str | None = None,
-                 use_ema: bool | None = None, tracking_uri: str | None = None):
+    def __init__(self, checkpoint: str | None, *, evaluator: str | Evaluator | None = "auto",
+                 evaluator_dtype: str = "float32", task: str | None = None, references: str | None = None,
+                 device: str | None = None, use_ema: bool | None = None, tracking_uri: str | None = None,
+                 config: ExperimentConfig | None = None):
         """``evaluator=None``: sampling only (no evaluator is loaded; unconditional :meth:`evaluate`
-        then needs a ``sampler`` and fails when scoring)."""
+        then needs a ``sampler`` and fails when scoring). ``checkpoint=None`` with a ``config``: the
+        encoder, evaluator and references of that experiment, and no network until
+        :meth:`use_checkpoint` (the evaluator beside training scores one checkpoint after another)."""
         if task is not None and task not in TASKS:
             raise EvalError(f"task '{task}' is not one of {list(TASKS)}")
+        if checkpoint is None and config is None:
+            raise EvalError("EvalSession needs a checkpoint or an experiment config")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.checkpoint_spec = str(checkpoint)
-        with checkpoints.resolve(self.checkpoint_spec, tracking_uri=tracking_uri, use_ema=use_ema) as ckpt:
-            self.ckpt, net = ckpt, load_network(ckpt)
-        self.config = cfg = ckpt.config or official_config(ckpt, task, net)
+        self.tracking_uri, self.ckpt, self.net = tracking_uri, None, None
+        if checkpoint is not None:
+            net = self._resolve(str(checkpoint), use_ema)
+            config = self.ckpt.config or official_config(self.ckpt, task, net)
+        self.config = cfg = config
         self.task = self._task(task)
-        self.net = net.to(self.device).eval()
         self.encoder = FrozenEncoder.from_config(cfg.encoder, self.device)
-        if (self.encoder.dim, self.encoder.vocab_size) != (self.net.latent_dim, self.net.vocab_size):
-            raise CheckpointError(
-                f"{self.checkpoint_spec}: the network expects latent width {self.net.latent_dim} and "
-                f"{self.net.vocab_size} decode classes, but encoder '{cfg.encoder.name}' gives {self.encoder.dim} "
-                f"and {self.encoder.vocab_size}")
+        if checkpoint is not None:
+            self._set_net(net)
         self.pairs: Optional[ReferencePairs] = None
         self.evaluator: Optional[Evaluator] = None
         if self.task == "unconditional":
@@ -133,6 +135,25 @@ class EvalSession:
                                               target_field=cfg.data.target_field)
         self._git: Optional[dict[str, str]] = None  # read on first use (workers never need it)
         self._cond_rows: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None  # see _generate_conditional
+
+    def _resolve(self, spec: str, use_ema: bool | None) -> torch.nn.Module:
+        self.checkpoint_spec = spec
+        with checkpoints.resolve(spec, tracking_uri=self.tracking_uri, use_ema=use_ema) as ckpt:
+            self.ckpt, net = ckpt, load_network(ckpt)
+        return net
+
+    def _set_net(self, net: torch.nn.Module) -> None:
+        if (self.encoder.dim, self.encoder.vocab_size) != (net.latent_dim, net.vocab_size):
+            raise CheckpointError(
+                f"{self.checkpoint_spec}: the network expects latent width {net.latent_dim} and {net.vocab_size} "
+                f"decode classes, but encoder '{self.config.encoder.name}' gives {self.encoder.dim} and "
+                f"{self.encoder.vocab_size}")
+        self.net = net.to(self.device).eval()
+
+    def use_checkpoint(self, spec: str, use_ema: bool | None = None) -> checkpoints.ResolvedCheckpoint:
+        """Load another checkpoint's network, keeping the encoder, evaluator and references."""
+        self._set_net(self._resolve(str(spec), use_ema))
+        return self.ckpt
 
     def load_evaluator(self, evaluator: str | Evaluator, dtype: str = "float32") -> Optional[Evaluator]:
         """Load (or set) the Gen-PPL evaluator of a session built with ``evaluator=None``; the
@@ -148,7 +169,7 @@ class EvalSession:
             if trained == "unconditional":
                 return "unconditional"
             return "summarization" if "xsum" in str(self.config.data.eval_source or "").lower() else "translation"
-        if self.ckpt.kind == "elf-lab" and (task == "unconditional") != (trained == "unconditional"):
+        if (self.ckpt is None or self.ckpt.kind == "elf-lab") and (task == "unconditional") != (trained == "unconditional"):
             raise EvalError(f"task '{task}' does not fit this checkpoint: it was trained with data.task={trained}")
         return task
 

@@ -120,3 +120,37 @@ def plot_frontier(series: Sequence[FrontierSeries], out: str | Path, objectives:
     fig.savefig(out, format="png")
     plt.close(fig)
     return out
+
+
+def plot_over_training(points: Sequence[Mapping[str, Any]], out: str | Path, *, x: str = "entropy",
+                       y: str = "gen_ppl", title: str = "", threshold: float | None = None) -> Path:
+    """The frontier over training: ``y`` against ``x`` of every evaluated checkpoint (``points``:
+    ``{"step", x, y}``), coloured by step, each labelled with its step and joined in step order. For
+    a conditional task pass ``x="step"``: the metric against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((p for p in points if _finite(p.get(x)) and _finite(p.get(y))), key=lambda p: p["step"])
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    xs, ys, steps = [float(p[x]) for p in pts], [float(p[y]) for p in pts], [int(p["step"]) for p in pts]
+    ax.plot(xs, ys, "-", color="lightgrey", lw=1, zorder=1)
+    sc = ax.scatter(xs, ys, c=steps, cmap="viridis", s=60, zorder=2, edgecolors="black", linewidths=0.5)
+    for xv, yv, st in zip(xs, ys, steps):
+        ax.annotate(f"{st}", (xv, yv), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if pts:
+        fig.colorbar(sc, ax=ax, label="training step")
+    if threshold is not None and x != "step":
+        ax.axvline(threshold, ls="--", color="grey", lw=1, label=f"{x} >= {threshold:.3g} (rule for @best)")
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title or f"{y} vs {x} over training ({len(pts)} checkpoints)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out

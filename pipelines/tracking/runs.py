@@ -40,6 +40,7 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "elf.kind"
 ERROR_TAG = "elf.error"
+FAULT_ENV = "ELF_LAB_FAULT"  # test hook: the kind of run to crash inside (see tracked_run)
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PROVENANCE_PACKAGES = ("torch", "transformers", "datasets", "ray", "mlflow", "elf-lab")
 MAX_PARAM_VALUE_LEN, MAX_TAG_VALUE_LEN, MAX_KEY_LEN = 6000, 8000, 250  # mlflow.utils.validation (3.17)
@@ -260,10 +261,13 @@ def run_guard(client: MlflowClient, run_id: str) -> Iterator[TrackedRun]:
 @contextlib.contextmanager
 def tracked_run(client: MlflowClient, experiment_id: str, name: str, *, kind: str, reattach: str | None = None,
                 parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[TrackedRun]:
-    """Create a run (or reattach ``reattach``), yield it, and end it as :func:`run_guard` does."""
+    """Create a run (or reattach ``reattach``), yield it, and end it as :func:`run_guard` does.
+    Tests crash any entry point inside its run with ``ELF_LAB_FAULT=<kind>``."""
     run_id = (reattach_run(client, reattach, tags) if reattach else
               create_run(client, experiment_id, name, kind=kind, parent_run_id=parent_run_id, tags=tags))
     with run_guard(client, run_id) as run:
+        if os.environ.get(FAULT_ENV) == kind:
+            raise RuntimeError(f"injected crash inside the {kind} run ({FAULT_ENV}={kind})")
         yield run
 
 

@@ -30,9 +30,10 @@ from pipelines import checkpoints
 from pipelines.infra import filesystems as fsx
 from pipelines.infra.ray_env import check_cluster_fits, init_ray
 from pipelines.infra.storage import check_storage_for_cluster, nodes_for_run
-from pipelines.tracking import registry, runs
+from pipelines.tracking import names, registry, runs
 from pipelines.tracking.store import check_tracking_reachable, make_client, resolve_tracking_uri
 from pipelines.tracking.ui import ui_command
+from pipelines.training import evaluator
 from pipelines.training.run_model import RunPlan, finished_line, plan_run
 
 REGISTERED_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "meta.json")  # no optimizer state
@@ -52,6 +53,9 @@ class TrainOutcome:
     tokens: Optional[int] = None
     latent_dim: Optional[int] = None  # the encoder's width and vocabulary the network was built for
     vocab_size: Optional[int] = None
+    train_seconds: Optional[float] = None  # rank 0's training loop (no start-up, no final evaluation)
+    evaluation: Optional[dict] = None  # what the evaluator beside training did (train.eval_every)
+    handoff_s: tuple[float, ...] = ()  # how long each checkpoint handoff to it took on rank 0
 
 
 def planned_length(cfg: ExperimentConfig) -> tuple[int, int, int]:
@@ -92,7 +96,7 @@ def log_config(client: MlflowClient, run_id: str, cfg: ExperimentConfig, plan: R
 
 
 def fit(cfg: ExperimentConfig, plan: RunPlan, run_id: str, tracking_uri: str, use_gpu: bool,
-        inject_failure: Optional[str]) -> Any:
+        inject_failure: Optional[str], evaluator: Optional[tuple[str, int]] = None) -> Any:
     """One attempt: the worker loop on a TorchTrainer with checkpointing and failure retries. Ray's
     retries inside an attempt resume from its checkpoints; a resubmission resumes from the newest
     complete checkpoint of any attempt, found by ELF Lab (``plan.checkpoint``)."""
@@ -105,7 +109,8 @@ def fit(cfg: ExperimentConfig, plan: RunPlan, run_id: str, tracking_uri: str, us
     loop_cfg = {"config_yaml": to_yaml(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
                 "resume_from": plan.checkpoint.location if plan.checkpoint else None, "inject_failure": inject_failure,
                 "marker_dir": str(Path(cfg.train.output_dir) / cfg.name / "failure-markers"),
-                "run_root": plan.root, "attempt": attempt, "keep_checkpoints": cfg.train.keep_checkpoints}
+                "run_root": plan.root, "attempt": attempt, "keep_checkpoints": cfg.train.keep_checkpoints,
+                "evaluator": evaluator[0] if evaluator else None, "eval_every": evaluator[1] if evaluator else None}
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop_cfg,
@@ -113,7 +118,9 @@ def fit(cfg: ExperimentConfig, plan: RunPlan, run_id: str, tracking_uri: str, us
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=attempt, storage_path=plan.root,  # a URI keeps its ?query (endpoint_override=...) last
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # ELF Lab rotates every attempt itself (keep-K over the whole run, sparing checkpoints being
+            # evaluated); Ray's own num_to_keep would delete them behind the evaluator's back.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
     return trainer.fit()
 
@@ -146,7 +153,7 @@ def print_summary(client: MlflowClient, outcome: TrainOutcome, summary: dict, ur
     print("\n" + "=" * 80)
     print(f"[elf] done in {outcome.wall_s / 60:.1f} min: {outcome.steps} steps; MLflow run {outcome.run_id}")
     for key in ("loss", "clean_decode_acc"):
-        history = sorted(client.get_metric_history(outcome.run_id, f"probe/{key}"), key=lambda m: (m.step, m.timestamp))
+        history = sorted(client.get_metric_history(outcome.run_id, names.probe_key(key)), key=lambda m: (m.step, m.timestamp))
         if history:
             print(f"      held-out {key}: {history[0].value:.4f} at step {history[0].step} -> "
                   f"{history[-1].value:.4f} at step {history[-1].step}")
@@ -163,7 +170,7 @@ def print_summary(client: MlflowClient, outcome: TrainOutcome, summary: dict, ur
 
 
 def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[str] = None,
-        inject_failure: Optional[str] = None) -> TrainOutcome:
+        inject_failure: Optional[str] = None, eval_faults: Optional[dict] = None) -> TrainOutcome:
     """One submission of run ``cfg.name`` (module docstring). Raises ElfError for bad input."""
     t0 = time.time()
     uri = resolve_tracking_uri(cfg.tracking.uri)
@@ -179,21 +186,35 @@ def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[s
         return _already_finished(client, cfg, plan, n_steps, t0)
     use_gpu = connect_ray(cfg, uri)
     exp_id = runs.ensure_experiment(cfg.tracking.experiment, client)
+    every = evaluator.eval_every(cfg, steps_per_epoch)
     with runs.tracked_run(client, exp_id, cfg.name, kind="training", reattach=plan.mlflow_run_id,
                           parent_run_id=parent_run_id) as run:
         run_id = run.run_id
         print(f"[elf] MLflow run {run_id} in experiment '{cfg.tracking.experiment}' ({uri})"
               + (f"; resuming from step {plan.start_step} ({fsx.redact(plan.checkpoint.location)})"
-                 if plan.checkpoint else ""), flush=True)
+                 if plan.checkpoint else "") + (f"; evaluating every {every} steps beside training" if every else ""),
+              flush=True)
         log_config(client, run_id, cfg, plan)
         checkpoints.rotate_checkpoints(plan.root, cfg.train.keep_checkpoints)
-        summary = fit(cfg, plan, run_id, uri, use_gpu, inject_failure).return_value or {}
-        model_uri, meta = register(client, run_id, cfg, plan.root)
-        log_samples(client, run_id, summary)
+        actor = evaluator.start(cfg, run_id, uri, use_gpu, eval_faults) if every else None
+        try:
+            if actor is not None:
+                evaluator.catch_up(actor, plan.root, every)
+            summary = fit(cfg, plan, run_id, uri, use_gpu, inject_failure,
+                          (f"elf-evaluator-{run_id}", every) if actor is not None else None).return_value or {}
+            model_uri, meta = register(client, run_id, cfg, plan.root)
+            log_samples(client, run_id, summary)
+            evaluated = evaluator.finish(actor, plan.root) if actor is not None else None
+        finally:
+            if actor is not None:
+                import ray
+
+                ray.kill(actor)
     steps = int(meta["step"])
     outcome = TrainOutcome("trained", run_id, exp_id, steps, model_uri, time.time() - t0, meta.get("param_count"),
                            steps * cfg.train.global_batch_size * cfg.data.max_length, meta.get("latent_dim"),
-                           meta.get("vocab_size"))
+                           meta.get("vocab_size"), summary.get("train_seconds"), evaluated,
+                           tuple(summary.get("handoff_s", ())))
     print_summary(client, outcome, summary, uri)
     return outcome
 

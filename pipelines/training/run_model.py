@@ -36,8 +36,9 @@ from pipelines.infra import filesystems as fsx
 # What may differ between a run's checkpoint and its resubmission: run length, cadence, resources,
 # and where the same files live (paths on another machine, the tracking store's address).
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.eval_every", "train.output_dir", "data.cache_dir",
-                     "tracking.uri", "tracking.log_samples", "ray.*")
+                     "train.keep_checkpoints", "train.eval_every", "train.eval_every_epochs", "train.output_dir",
+                     "data.cache_dir", "data.cache_latents", "data.latent_cache_dtype", "tracking.uri",
+                     "tracking.log_samples", "eval.*", "ray.*")
 
 
 class RunStateError(ElfError):

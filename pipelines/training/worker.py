@@ -11,6 +11,7 @@ times (it is a barrier), rank 0 attaching checkpoints and then rotating the run'
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Any
 
 import torch
@@ -29,7 +30,9 @@ from elf_core.schedule import total_steps
 from pipelines import checkpoints
 from pipelines.infra.filesystems import redact
 from pipelines.infra.progress import Progress
+from pipelines.tracking import names
 from pipelines.tracking.metrics import MetricsLogger
+from pipelines.training.evaluator import hand_over
 from pipelines.training import worker_state as ws
 
 
@@ -68,11 +71,13 @@ def _step_metrics(metrics: dict[str, float], cfg: ExperimentConfig, state: ws.Wo
 
 
 def _train(state: ws.WorkerState, cfg: ExperimentConfig, loop_cfg: dict[str, Any], position: DataPosition,
-           n_steps: int, rank: int, logger: MetricsLogger | None, progress: Progress | None) -> dict[str, float]:
-    """Steps until ``n_steps``; checkpoints every ``train.checkpoint_every`` and at the end."""
+           n_steps: int, rank: int, logger: MetricsLogger | None, progress: Progress | None) -> dict[str, Any]:
+    """Steps until ``n_steps``; checkpoints every ``train.checkpoint_every`` and at the end.
+    Returns the last metrics, the training seconds and the evaluator handoff times (rank 0)."""
+    t0 = time.perf_counter()
     trainer, device = state.trainer, state.trainer.device
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    batches, metrics = state.order.iterate(position), {}
+    batches, metrics, handoffs = state.order.iterate(position), {}, []
     run = {"name": cfg.name, "mlflow_run_id": loop_cfg["run_id"], "attempt": loop_cfg["attempt"]}
     while trainer.step_count < n_steps:
         pos, local_rows = next(batches)
@@ -86,7 +91,7 @@ def _train(state: ws.WorkerState, cfg: ExperimentConfig, loop_cfg: dict[str, Any
         # The one sync (and all-reduce) of the interval: every rank reaches it at the same steps.
         metrics = _step_metrics(step_metrics.materialize(), cfg, state, pos, local_rows[0], peak)
         if rank == 0 and due_log:
-            logger.log(metrics, step=step)
+            logger.log(names.step_metrics(metrics), step=step)
             progress.update(step, metrics)
         if due_ckpt:
             ckpt_dir = ws.save(trainer, cfg, position, run, rank)
@@ -95,8 +100,19 @@ def _train(state: ws.WorkerState, cfg: ExperimentConfig, loop_cfg: dict[str, Any
             ws.report({"step": step, "loss": metrics["loss"]}, ckpt_dir)
             if ckpt_dir is not None:
                 shutil.rmtree(ckpt_dir.parent, ignore_errors=True)
-                ws.rotate(loop_cfg)
-    return metrics
+                ws.rotate(loop_cfg, _hand_over(loop_cfg, step, handoffs))
+    return {"metrics": metrics, "train_seconds": time.perf_counter() - t0, "handoff_s": handoffs}
+
+
+def _hand_over(loop_cfg: dict[str, Any], step: int, handoffs: list[float]) -> tuple[str, ...]:
+    """Rank 0: a due checkpoint goes to the evaluator beside training (by reference, not waited
+    for); returns the checkpoints rotation must spare while they are scored."""
+    if not loop_cfg.get("evaluator"):
+        return ()
+    t0 = time.perf_counter()
+    spared = hand_over(loop_cfg["evaluator"], loop_cfg["run_root"], step, due=step % loop_cfg["eval_every"] == 0)
+    handoffs.append(time.perf_counter() - t0)
+    return spared
 
 
 def _probe_and_sample(state: ws.WorkerState, probe: QualityProbe | None, cfg: ExperimentConfig, rank: int,
@@ -109,7 +125,7 @@ def _probe_and_sample(state: ws.WorkerState, probe: QualityProbe | None, cfg: Ex
     with ws.probe_weights(trainer, rank, ema=False) as net:
         if rank == 0:
             out["probe"] = probe.measure(net)
-            logger.log(out["probe"], step=trainer.step_count)
+            logger.log(names.probe_metrics(out["probe"]), step=trainer.step_count)
             logger.flush()
             if not use_ema:
                 out[key] = probe.samples(net, cfg.tracking.log_samples)
@@ -143,7 +159,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         if trainer.step_count == 0:
             result["start"] = _probe_and_sample(state, probe, cfg, rank, logger, end=False)
-        result["last"] = _train(state, cfg, loop_cfg, position, n_steps, rank, logger, progress)
+        result.update(_train(state, cfg, loop_cfg, position, n_steps, rank, logger, progress))
         result["end"] = _probe_and_sample(state, probe, cfg, rank, logger, end=True)
         result["steps"] = trainer.step_count
     finally:

@@ -121,9 +121,9 @@ def report(metrics: dict[str, Any], ckpt_dir: Optional[Path]) -> None:
 
 
 def rotate(loop_cfg: dict[str, Any], protect: tuple[str, ...] = ()) -> list[str]:
-    """Rank 0, after a checkpoint was reported: keep ``train.keep_checkpoints`` over every attempt."""
-    return checkpoints.rotate_checkpoints(loop_cfg["run_root"], loop_cfg["keep_checkpoints"],
-                                          current_attempt=loop_cfg["attempt"], protect=protect)
+    """Rank 0, after a checkpoint was reported: keep ``train.keep_checkpoints`` over every attempt,
+    sparing ``protect`` (checkpoints the evaluator beside training is scoring or about to)."""
+    return checkpoints.rotate_checkpoints(loop_cfg["run_root"], loop_cfg["keep_checkpoints"], protect=protect)
 
 
 @contextlib.contextmanager
