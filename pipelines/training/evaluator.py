@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -63,7 +64,10 @@ class TrainingEvaluator:
         self.history = self._history()
         self.task = "unconditional" if self.cfg.data.task == "unconditional" else None  # set by the session
         self.best: Optional[dict[str, float]] = None
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        with warnings.catch_warnings():  # Ray 2.60 warns about its own actor_id use inside this property
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if restarted:
             restarts = int(self.client.get_run(run_id).data.tags.get("elf.eval.restarts", "0")) + 1
             runs.set_tags(self.client, run_id, {"elf.eval.restarts": restarts})
             _log(f"the evaluator was restarted ({restarts}×); training went on")
