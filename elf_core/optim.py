@@ -92,18 +92,6 @@ class ParamSpec:
     layout: Optional[str]  # OUT_IN | IN_OUT for Muon, None for Adam
 
 
-@dataclass(frozen=True)
-class PartitionSummary:
-    muon_tensors: int
-    muon_params: int
-    adam_tensors: int
-    adam_params: int
-
-    def __str__(self) -> str:
-        return (f"Muon: {self.muon_tensors} tensors / {self.muon_params:,} params; "
-                f"Nesterov-Adam: {self.adam_tensors} tensors / {self.adam_params:,} params")
-
-
 def partition_parameters(model: nn.Module, in_out_names: Sequence[str] = IN_OUT_KERNELS,
                          adam_names: Sequence[str] = ()) -> list[ParamSpec]:
     """Assign each trainable parameter (in ``named_parameters`` order) to Muon or Adam.
@@ -143,14 +131,6 @@ def partition_parameters(model: nn.Module, in_out_names: Sequence[str] = IN_OUT_
                 f"listed in in_out_names {sorted(in_out)}; Muon needs its orientation for the fan scale"
             )
     return specs
-
-
-def summarize_partition(model: nn.Module, in_out_names: Sequence[str] = IN_OUT_KERNELS) -> PartitionSummary:
-    """Tensor and element counts per algorithm (ELF-B: 58 / 104,417,280 Muon, 109 / 162,660 Adam)."""
-    specs = partition_parameters(model, in_out_names)
-    muon = [s.param for s in specs if s.algo == MUON]
-    adam = [s.param for s in specs if s.algo == ADAM]
-    return PartitionSummary(len(muon), sum(p.numel() for p in muon), len(adam), sum(p.numel() for p in adam))
 
 
 # ----------------------------------------------------------------------------------------------

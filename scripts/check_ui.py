@@ -88,7 +88,7 @@ def check_metrics(page: Any, url: str, shot: Path, wait_s: float) -> dict[str, A
         return {title: m ? m[1] : '', points, visible: r.top < window.innerHeight && r.bottom > 0};
     })""")
     first = [c for c in charts if c["visible"]]
-    loss = [c for c in first if c["title"] == "loss"]
+    loss = [c for c in first if c["title"].split("/")[-1] == "loss"]  # curves/loss (pipelines/tracking/names.py)
     return {"url": url, "screenshot": str(shot), "charts_on_first_screen": [c["title"] for c in first],
             "loss_chart_points": max((c["points"] for c in loss), default=0),
             "ok": bool(loss) and max(c["points"] for c in loss) > 1}
@@ -96,9 +96,10 @@ def check_metrics(page: Any, url: str, shot: Path, wait_s: float) -> dict[str, A
 
 def check_frontier(page: Any, url: str, shot: Path, wait_s: float) -> dict[str, Any]:
     page.goto(url)
-    img = page.wait_for_selector("img[src*='frontier.png'], img[src*='get-artifact']", timeout=wait_s * 1000)
-    page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=img, timeout=wait_s * 1000)
-    size = page.evaluate("(img) => [img.naturalWidth, img.naturalHeight]", img)
+    # The artifact viewer fetches the file and shows it from a blob: URL once it has loaded.
+    found = "() => [...document.querySelectorAll('img')].find(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
+    page.wait_for_function(found, timeout=wait_s * 1000)
+    size = page.evaluate(f"() => {{ const i = ({found})(); return [i.naturalWidth, i.naturalHeight]; }}")
     page.screenshot(path=str(shot))
     return {"url": url, "screenshot": str(shot), "image_size": size, "ok": size[0] > 0}
 

@@ -132,55 +132,32 @@ def init_ray(
     import ray
 
     if ray.is_initialized():
-        return RaySession(
-            address=_current_address(ray),
-            local=False,
-            reused=True,
-            temp_dir=None,
-            resources=dict(ray.cluster_resources()),
-        )
-
+        return _session(ray, local=False, reused=True)
     target = address or os.environ.get("RAY_ADDRESS") or "local"
-    runtime_env = worker_runtime_env(extra_env)
+    runtime_env = worker_runtime_env(extra_env) or None
     if target != "local":
         log.info("connecting to the Ray cluster at %s", target)
-        ray.init(address=target, runtime_env=runtime_env or None, logging_level=logging_level)
-        return RaySession(
-            address=_current_address(ray),
-            local=False,
-            reused=False,
-            temp_dir=None,
-            resources=dict(ray.cluster_resources()),
-        )
-
+        ray.init(address=target, runtime_env=runtime_env, logging_level=logging_level)
+        return _session(ray, local=False)
     cpus = default_num_cpus() if num_cpus is None else int(num_cpus)
     if cpus < 1:
         raise ValueError(f"init_ray: num_cpus must be >= 1, got {num_cpus}")
     apply_local_ray_env()
     _sync_loopback_flag(ray)
-    tmp = Path(temp_dir) if temp_dir is not None else default_temp_dir()
     # Keep it short: Ray's unix sockets live under it and AF_UNIX paths stop at 107 bytes
     # (Ray raises "validate_socket_filename failed" beyond ~45 characters of temp dir).
-    tmp = tmp.resolve()
+    tmp = (Path(temp_dir) if temp_dir is not None else default_temp_dir()).resolve()
     tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(
-        address="local",
-        num_cpus=cpus,
-        object_store_memory=int(object_store_mb) * 1024 * 1024,
-        # The dashboard serves the state API that Train V2's placement-group cleaner polls; without
-        # it the driver prints "Failed to query Ray Train Controller actor state" every second.
-        include_dashboard=dashboard,
-        runtime_env=runtime_env or None,
-        logging_level=logging_level,
-        _temp_dir=str(tmp),
-    )
-    return RaySession(
-        address=_current_address(ray),
-        local=True,
-        reused=False,
-        temp_dir=str(tmp),
-        resources=dict(ray.cluster_resources()),
-    )
+    # The dashboard serves the state API that Train V2's placement-group cleaner polls; without it
+    # the driver prints "Failed to query Ray Train Controller actor state" every second.
+    ray.init(address="local", num_cpus=cpus, object_store_memory=int(object_store_mb) * 1024 * 1024,
+             include_dashboard=dashboard, runtime_env=runtime_env, logging_level=logging_level, _temp_dir=str(tmp))
+    return _session(ray, local=True, temp_dir=str(tmp))
+
+
+def _session(ray: Any, *, local: bool, reused: bool = False, temp_dir: str | None = None) -> RaySession:
+    return RaySession(address=_current_address(ray), local=local, reused=reused, temp_dir=temp_dir,
+                      resources=dict(ray.cluster_resources()))
 
 
 def _sync_loopback_flag(ray: Any) -> None:

@@ -187,6 +187,19 @@ def _tracking_verdict(uri: str) -> tuple[str, str]:
     return "remote", ""
 
 
+def _check_tracking(uri: str, key: str, opt_in: bool, problems: list[str]) -> str:
+    """The tracking store's verdict; a node-local store without the opt-in adds a problem."""
+    verdict, why = _tracking_verdict(uri)
+    if verdict != "local":
+        return verdict
+    if opt_in:
+        return "local (opted in)"
+    problems.append(f"{key}='{uri}' cannot be written from other nodes ({why}). Run an MLflow tracking server "
+                    "every node can reach (cluster/README.md, 'The MLflow tracking server') and set "
+                    "MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.uri=...)")
+    return verdict
+
+
 def check_storage_for_cluster(
     storage_path: str,
     num_nodes: int,
@@ -230,18 +243,7 @@ def check_storage_for_cluster(
                 "fail at its first checkpoint. Use an object store (ray.storage_path=s3://BUCKET/elf, gs://…, "
                 "abfs://…) or a directory on a filesystem every node mounts (NFS, Lustre, CephFS, EFS, …)"
             )
-    tracking = "not checked"
-    if tracking_uri is not None:
-        tracking, why_t = _tracking_verdict(tracking_uri)
-        if tracking == "local":
-            if opt_in:
-                tracking = "local (opted in)"
-            else:
-                problems.append(
-                    f"{tracking_key}='{tracking_uri}' cannot be written from other nodes ({why_t}). Run an "
-                    "MLflow tracking server every node can reach (cluster/README.md, 'The MLflow tracking "
-                    "server') and set MLFLOW_TRACKING_URI=http://HOST:5000 (or tracking.uri=...)"
-                )
+    tracking = "not checked" if tracking_uri is None else _check_tracking(tracking_uri, tracking_key, opt_in, problems)
     if problems:
         raise StorageNotShared(
             "; and ".join(problems)

@@ -114,12 +114,7 @@ def plot_frontier(series: Sequence[FrontierSeries], out: str | Path, objectives:
     ax.set_title(title or f"{o0.metric} vs {o1.metric}", fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_over_training(points: Sequence[Mapping[str, Any]], out: str | Path, *, x: str = "entropy",
@@ -148,6 +143,10 @@ def plot_over_training(points: Sequence[Mapping[str, Any]], out: str | Path, *, 
     ax.set_ylabel(y)
     ax.set_title(title or f"{y} vs {x} over training ({len(pts)} checkpoints)", fontsize=10)
     ax.grid(True, alpha=0.3)
+    return _save(plt, fig, out)
+
+
+def _save(plt: Any, fig: Any, out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
