@@ -47,6 +47,14 @@ from typing import Iterator  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The pipeline tests' tiny, fast training run (tiny ELF, MiniLM, 16-token rows, 2 DDP workers): 8 steps.
+FAST_TRAIN_STEPS = 8
+FAST_TRAIN = [
+    "model.hidden_size=64", "model.depth=1", "data.max_length=16", "data.max_rows=4",
+    "train.global_batch_size=8", f"train.max_steps={FAST_TRAIN_STEPS}", "train.log_every=1",
+    "train.checkpoint_every=4", "optim.lr=3e-3", "optim.warmup_epochs=null", "optim.warmup_steps=1",
+    "tracking.log_samples=2", "sample.steps=4", "sample.batch_size=2", "ray.num_workers=2", "ray.cpus_per_worker=1",
+]
 # How long Ray may take to release CPUs after a test (Train teardown measured ~4 s).
 RAY_RELEASE_GRACE_S = float(os.environ.get("ELF_TEST_RAY_RELEASE_S", "20"))
 # Fixtures whose use makes a test an integration test.

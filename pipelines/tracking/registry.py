@@ -78,6 +78,17 @@ def versions_of_run(client: MlflowClient, name: str, run_id: str) -> list[ModelV
     return sorted(found, key=lambda v: -int(v.version))
 
 
+def last_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
+    """``models:/<name>/<version>`` of the run's final model: the ``@last`` version when this run
+    registered it, else the run's newest version (None when it registered none)."""
+    with contextlib.suppress(MlflowException):
+        mv = client.get_model_version_by_alias(name, "last")
+        if mv.run_id == run_id:
+            return f"models:/{name}/{mv.version}"
+    versions = versions_of_run(client, name, run_id)
+    return f"models:/{name}/{versions[0].version}" if versions else None
+
+
 def register_checkpoint(client: MlflowClient, run_id: str, checkpoint_dir: Path, name: str, *,
                         alias: str | None = None, files: Sequence[str] | None = None,
                         artifact_path: str = CHECKPOINT_ARTIFACTS, tags: Mapping[str, Any] | None = None) -> str:
@@ -119,5 +130,5 @@ def tag_version(client: MlflowClient, mv: ModelVersion, tags: Mapping[str, Any])
         client.set_model_version_tag(mv.name, mv.version, k, stringify(v, 5000))
 
 
-__all__ = ["registered_model_name", "model_name_for", "parse_models_uri", "resolve_version", "versions_of_run",
+__all__ = ["registered_model_name", "model_name_for", "parse_models_uri", "resolve_version", "versions_of_run", "last_of_run",
            "register_checkpoint", "tag_version", "CHECKPOINT_ARTIFACTS"]

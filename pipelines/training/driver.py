@@ -206,10 +206,7 @@ def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[s
             log_samples(client, run_id, summary)
             evaluated = evaluator.finish(actor, plan.root) if actor is not None else None
         finally:
-            if actor is not None:
-                import ray
-
-                ray.kill(actor)
+            evaluator.stop(actor)
     steps = int(meta["step"])
     outcome = TrainOutcome("trained", run_id, exp_id, steps, model_uri, time.time() - t0, meta.get("param_count"),
                            steps * cfg.train.global_batch_size * cfg.data.max_length, meta.get("latent_dim"),
@@ -221,8 +218,7 @@ def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[s
 
 def _already_finished(client: MlflowClient, cfg: ExperimentConfig, plan: RunPlan, n_steps: int,
                       t0: float) -> TrainOutcome:
-    versions = registry.versions_of_run(client, registry.model_name_for(cfg), plan.mlflow_run_id)
-    model = f"models:/{versions[0].name}/{versions[0].version}" if versions else None
+    model = registry.last_of_run(client, registry.model_name_for(cfg), plan.mlflow_run_id)
     print(finished_line(cfg, plan, n_steps, model), flush=True)
     exp_id = client.get_run(plan.mlflow_run_id).info.experiment_id
     meta = plan.checkpoint.meta

@@ -252,4 +252,10 @@ def finish(actor: Any, root: str) -> dict[str, Any]:
     return ray.get(actor.finish.remote(newest.location, newest.step)) if newest else {}
 
 
-__all__ = ["TrainingEvaluator", "eval_every", "start", "catch_up", "hand_over", "finish", "check_fits"]
+def stop(actor: Any) -> None:
+    """Kill the evaluator actor (None: nothing to stop)."""
+    if actor is not None:
+        ray.kill(actor)
+
+
+__all__ = ["TrainingEvaluator", "eval_every", "start", "catch_up", "hand_over", "finish", "stop", "check_fits"]

@@ -18,20 +18,18 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import FAST_TRAIN
 from pipelines.checkpoints import list_checkpoints
 
 
 def run_checkpoints(storage: Path, name: str) -> list[tuple[int, str]]:
     return [(c.step, c.location) for c in list_checkpoints(storage / name)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.integration
 
-FAST = ["model.hidden_size=64", "model.depth=1", "data.max_length=16", "data.max_rows=4",
-        "train.global_batch_size=8", "train.log_every=2", "optim.lr=3e-3", "optim.warmup_epochs=null",
-        "optim.warmup_steps=1", "tracking.log_samples=2", "sample.steps=4", "sample.batch_size=2",
-        "ray.num_workers=2"]
+FAST = [o for o in FAST_TRAIN if not o.startswith(("train.max_steps", "train.checkpoint_every"))]
 
 
 def _free_port() -> int:

@@ -28,7 +28,7 @@ from pipelines.tracking.registry import register_checkpoint
 from pipelines.tracking.runs import create_run, ensure_experiment
 from pipelines.tracking.store import make_client
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 FIX = ROOT / "tests" / "fixtures"
 WMT = FIX / "wmt14_deen_val_200.jsonl"
 SC = SampleConfig(sampler="sde", steps=3, gamma=1.5, sc_cfg=3.0, batch_size=4, num_samples=4)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipelines import ray_env as re_
+from pipelines.infra import ray_env as re_
 
 
 # ---- no Ray needed ------------------------------------------------------------------------------

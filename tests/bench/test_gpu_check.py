@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import gpu_check  # noqa: E402
 
 TRAIN = ["ELF-B eager bs4", "ELF-B eager bs8", "ELF-B compile bs4", "ELF-B compile bs8", "ELF-B all_rows bs8",

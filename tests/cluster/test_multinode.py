@@ -38,7 +38,7 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 CPUS_PER_NODE = 2
 MAX_STEPS, CKPT_EVERY = 12, 3

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.storage import (
+from pipelines.infra.storage import (
     Mount,
     StorageNotShared,
     check_storage_for_cluster,

@@ -21,7 +21,7 @@ from pipelines.tracking import names, runs
 from pipelines.tracking.metrics import log_metrics
 from pipelines.tracking.store import make_client
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.integration
 
 

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import checkpoints, train
-from test_train_pipeline import FAST  # the pipeline tests' tiny, fast configuration
+from conftest import FAST_TRAIN as FAST  # the pipeline tests' tiny, fast configuration
 
 pytestmark = pytest.mark.integration
 NAME = "same-name"

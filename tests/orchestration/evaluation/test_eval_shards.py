@@ -24,7 +24,7 @@ from pipelines.evaluation.session import EvalSession
 from pipelines.evaluation.shards import ShardError, ShardPool, split_batches
 from pipelines.tracking.store import make_client
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 WMT = ROOT / "tests" / "fixtures" / "wmt14_deen_val_200.jsonl"
 NO_STORE = "sqlite:////nonexistent/x.db"  # never touched: workers skip the training-run lookup
 

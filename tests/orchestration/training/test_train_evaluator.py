@@ -18,7 +18,7 @@ from pipelines import checkpoints, train
 from pipelines.infra.paths import DEFAULT_CONFIG, absolutise
 from pipelines.training import driver
 from pipelines.training.eval_record import best_threshold
-from test_train_pipeline import FAST
+from conftest import FAST_TRAIN as FAST
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from pipelines.sweeps.ablation_report import table_row
 from pipelines.sweeps.settings import SweepError
 from pipelines.training.driver import TrainOutcome
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MINILM = (384, 30522)
 
 

@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 from elf_core.checkpoint import save_checkpoint
 from elf_core.config import load_config
 from elf_core.network import ELFNetwork
-from test_train_pipeline import FAST
+from conftest import FAST_TRAIN as FAST
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EVENTS = ("SIGINT", "SIGTERM", "crash")
 
 
@@ -43,7 +43,7 @@ constraint: {metric: entropy, threshold: none}
 """)
     (tmp / "ladder.yaml").write_text(f"""base: experiments/local_default.yaml
 rungs: [{{name: r1, model: {{depth: 1, hidden_size: 64, num_heads: 2}}, max_steps: 400}}]
-train: [{', '.join(FAST[:-1])}, ray.num_workers=1, data.cache_dir={tmp / 'cache'}]
+train: [{', '.join(o for o in FAST if not o.startswith('ray.'))}, ray.num_workers=1, data.cache_dir={tmp / 'cache'}]
 space: {tmp / 'space.yaml'}
 out: {tmp / 'out'}
 """)

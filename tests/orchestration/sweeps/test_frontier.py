@@ -29,7 +29,7 @@ from pipelines.sweeps.plot import FrontierSeries, plot_frontier
 from pipelines.sweeps.settings import Objective, SweepError, load_sweep_config
 from pipelines.sweeps.space import settings_label
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SWEEPS = ROOT / "experiments" / "sweeps"
 UNCOND = [Objective("gen_ppl", "min"), Objective("entropy", "max")]
 

@@ -17,15 +17,9 @@ from elf_core.config import load_config
 from pipelines import checkpoints, train
 from pipelines.infra.paths import DEFAULT_CONFIG, absolutise
 from pipelines.training import driver
+from conftest import FAST_TRAIN as FAST, FAST_TRAIN_STEPS as STEPS
 
-ROOT = Path(__file__).resolve().parents[1]
-STEPS = 8
-FAST = [
-    "model.hidden_size=64", "model.depth=1", "data.max_length=16", "data.max_rows=4",
-    "train.global_batch_size=8", f"train.max_steps={STEPS}", "train.log_every=1", "train.checkpoint_every=4",
-    "optim.lr=3e-3", "optim.warmup_epochs=null", "optim.warmup_steps=1", "tracking.log_samples=2",
-    "sample.steps=4", "sample.batch_size=2", "ray.num_workers=2",
-]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.integration
 
 

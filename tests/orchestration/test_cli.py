@@ -14,7 +14,7 @@ import pytest
 
 from pipelines import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md"]
 ENTRY_POINTS = {"pipelines/train.py": ("elf-train", "pipelines.train"),
                 "pipelines/evaluate.py": ("elf-eval", "pipelines.evaluate"),

@@ -7,6 +7,7 @@ file and, for typos, the close key.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from elf_core.config import (
     to_flat_dict, to_yaml,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Experiment configs are the top-level YAMLs; sampling/ and sweeps/ hold other schemas (tested elsewhere).
 YAMLS = sorted([*ROOT.glob("experiments/*.yaml"), *ROOT.glob("experiments/*.yml")])
 
@@ -166,3 +167,29 @@ def test_defaults_are_the_paper_owt_column():
               "model.freq_embed_dim": 256, "sample.steps": 32, "sample.gamma": 1.5}
     wrong = {k: (flat[k], v) for k, v in expect.items() if flat[k] != v}
     assert not wrong, f"(got, reference) {wrong}"
+
+
+def test_every_declared_range_is_checked_naming_key_value_and_range():
+    """Each numeric field's valid range and each string field's choices live next to its definition
+    (elf_core.validation.ranged) and are checked in one place, for the experiment config and for the
+    sampling configs of lists and sweeps alike."""
+    from elf_core.config import ExperimentConfig, SampleConfig
+    from elf_core.validation import RULE, check_values, violations
+
+    cases = {"optim.lr=-1": "optim.lr=-1.0 is not in (0, inf)",
+             "optim.ema_decay=1.0": "optim.ema_decay=1.0 is not in [0, 1)",
+             "sample.gamma=-0.5": "sample.gamma=-0.5 is not in [0, inf)",
+             "train.keep_checkpoints=0": "train.keep_checkpoints=0 is not in [1, inf)",
+             "flow.self_cond_prob=1.5": "flow.self_cond_prob=1.5 is not in [0, 1]",
+             "data.pad_token=zero": "data.pad_token='zero' is not one of ['pad', 'eos']",
+             "ray.eval_cpus=-1": "ray.eval_cpus=-1.0 is not in [0, inf)"}
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [override])
+        assert message in str(e.value) and override in str(e.value)  # the key, the value, the range, the origin
+    # Every field that has a range has one rule object, and the defaults satisfy all of them.
+    assert violations(ExperimentConfig()) == []
+    ruled = [f.name for f in dataclasses.fields(SampleConfig) if RULE in f.metadata]
+    assert set(ruled) == {"sampler", "steps", "gamma", "sc_cfg", "cfg", "grid", "num_samples", "batch_size", "seed"}
+    with pytest.raises(ValueError, match=r"x: sample\.steps=0 is not in \[1, inf\)"):
+        check_values(SampleConfig(steps=0), "x", ValueError, prefix="sample.")

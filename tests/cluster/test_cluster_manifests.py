@@ -26,7 +26,7 @@ import jsonschema
 import pytest
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = PROJECT_ROOT / "cluster"
 SCHEMAS = CLUSTER / "schemas" / "kuberay-v1.7.0"
 sys.path.insert(0, str(CLUSTER / "schemas"))
