@@ -157,6 +157,12 @@ def print_summary(client: MlflowClient, outcome: TrainOutcome, summary: dict, ur
         if history:
             print(f"      held-out {key}: {history[0].value:.4f} at step {history[0].step} -> "
                   f"{history[-1].value:.4f} at step {history[-1].step}")
+    if outcome.train_seconds is not None:
+        print(f"      training loop: {outcome.train_seconds:.1f} s on rank 0")
+    if outcome.evaluation is not None:
+        e = outcome.evaluation
+        print(f"      evaluated beside training at steps {e.get('evaluated')} (skipped {e.get('skipped')}, "
+              f"errors {e.get('errors')}); handoffs took at most {max(outcome.handoff_s or (0.0,)) * 1000:.0f} ms")
     if outcome.model_uri:
         print(f"      model: {outcome.model_uri} (alias @last)")
     for title, key, n in (("at step 0", "start", 3), (f"at step {outcome.steps}", "end", 5)):

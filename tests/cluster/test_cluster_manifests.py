@@ -360,6 +360,7 @@ def test_readme_scaling_table_is_the_scripts_output() -> None:
 
     spec = importlib.util.spec_from_file_location("scaling_calculator", PROJECT_ROOT / "benchmarks" / "scaling_calculator.py")
     calc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = calc  # dataclasses look their module up in sys.modules
     spec.loader.exec_module(calc)
     table = calc.table
 

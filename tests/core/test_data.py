@@ -18,7 +18,7 @@ from elf_core.data import Packer, build_dataset
 from elf_core.data_sources import BUNDLED, DataError, looks_like_saved_arrow
 from elf_core.encoder import load_tokenizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "wmt14_deen_val_200.jsonl"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "wmt14_deen_val_200.jsonl"
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is ELF Lab.",
         "A third document about flows in latent space.", "Fourth: short."]
 

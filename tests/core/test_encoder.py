@@ -13,7 +13,7 @@ from elf_core.config import EncoderConfig
 from elf_core.encoder import (EncoderError, FrozenEncoder, load_tokenizer, mask_after_eos, minilm_dir,
                               resolve_name, special_ids, tokenizer_fingerprint)
 
-FIXTURE = Path(__file__).parent / "fixtures" / "wmt14_deen_val_200.jsonl"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "wmt14_deen_val_200.jsonl"
 
 
 @pytest.fixture(scope="module")
