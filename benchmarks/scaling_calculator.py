@@ -2,7 +2,7 @@
 
     python benchmarks/scaling_calculator.py [--mfu 0.35] [--per-gpu-batch 32] [--seq-len 1024] [--peak-tflops 989.4]
 
-prints the markdown table of cluster/README.md ("Scaling on paper"; tests/test_cluster_manifests.py
+prints the markdown table of cluster/README.md ("Scaling on paper"; tests/cluster/test_cluster_manifests.py
 checks the README holds this script's output for the default arguments).
 
 Model, all estimates until measured (benchmarks/README.md holds measured single-GPU figures):
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 PRESETS = ("ELF-B", "ELF-M", "ELF-L")
 LATENT_DIM, VOCAB = 512, 32100  # T5-small (reference §5)

@@ -14,7 +14,7 @@ latent normalisation; the tokenised dataset's fingerprint and length; the collat
 the storage dtype. A different encoder, dataset or normalisation can never reuse a cache.
 
 Storage dtype (``data.latent_cache_dtype``): float16 (default), bfloat16 (kept as raw uint16
-bits, numpy has no bfloat16) or float32. tests/test_latent_cache.py pins how far the training
+bits, numpy has no bfloat16) or float32. tests/core/test_latent_cache.py pins how far the training
 loss moves from the live encoder's: float32 ≤ 1e-5 relative, float16 ≤ 2e-3, bfloat16 ≤ 1e-2.
 
 A cache that would not fit on disk (``shutil.disk_usage``) or in the memory available now

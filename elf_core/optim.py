@@ -143,14 +143,14 @@ def newton_schulz5(g: torch.Tensor, steps: int = 5, eps: float = NS_EPS) -> torc
     Runs on the wide orientation (rows ≤ cols, transposing a tall input and back) so that
     ``A = X Xᵀ`` is the small Gram matrix; X is first scaled to ‖X‖_F ≤ 1 so every singular value is
     in the basin of the iteration ``X ← a X + (b A + c A²) X``. With these coefficients the singular
-    values do not converge to 1 but land in roughly [0.68, 1.14] (measured in tests/test_optim.py).
+    values do not converge to 1 but land in roughly [0.68, 1.14] (measured in tests/core/test_optim.py).
     Matches pt:utils/muon_utils.py:35-47 and optax.contrib.muon's ``orthogonalize_via_newton_schulz``.
     The matmuls follow the global fp32 matmul precision: with TF32 enabled
     (``torch.set_float32_matmul_precision("high")``, as pt:train.py:127-131 does) they run in TF32.
 
     A 3-D ``g`` (k, m, n) is k matrices orthogonalised at once with batched matmuls (each matrix's
     Frobenius norm is taken on its own, exactly as for a 2-D input). On CPU (MKL) that equals k
-    separate calls bit for bit for the shapes an ELF network has (tests/test_optim.py); for tiny
+    separate calls bit for bit for the shapes an ELF network has (tests/core/test_optim.py); for tiny
     matrices (m·m·n < 400 multiply-adds) torch's batched matmul takes a different kernel and the
     last bits differ.
     """

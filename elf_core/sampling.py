@@ -22,7 +22,7 @@ Seeding (:func:`generate`): samples ``0 … N−1`` are cut into batches of ``sa
 :func:`batch_seed` ``(seed, k)`` (a counter-based seed, like the trainer's ``noise_seed``). A batch's
 samples therefore depend on (seed, k, batch_size, N) only, never on which other batches were
 generated before it or in which process: ``generate(..., batches=[k])`` gives exactly batch k of a
-full run, which is how ``pipelines/eval_shards.py`` splits one evaluation over Ray workers and still
+full run, which is how ``pipelines/evaluation/shards.py`` splits one evaluation over Ray workers and still
 returns the same samples as one process. A sample does depend on the batch size (the time grid is
 drawn once per batch and shared by its rows, as in the official, and batched matmuls may round per
 batch shape), so ``batch_size`` is part of the sampling provenance.

@@ -36,7 +36,8 @@ def _main(argv: Sequence[str]) -> int:
     p = cli.parser("experiments/frontier_sweep.py", __doc__.split("\n\n")[0], EPILOG)
     cli.add_flags(p, "checkpoint", "overrides", "num_samples", "task", "weights", "evaluator", "evaluator_dtype",
                   "ray_address", "tracking_uri", checkpoint={"required": True},
-                  overrides={"help": "sweep settings, e.g. search.kind=optuna search.trials=40"})
+                  overrides={"help": "sweep settings, e.g. search.kind=optuna search.trials=40"},
+                  **cli.from_the_yaml("scoring", "evaluator", "evaluator_dtype", "weights"))
     p.add_argument("--space", default=None, help="search-space YAML (default: experiments/sweeps/uncond_paper.yaml "
                    "or cond_paper.yaml by the checkpoint's task)")
     p.add_argument("--name", default=None, help="sweep name (default: <checkpoint>--<space>[-<search>])")

@@ -31,7 +31,8 @@ def _main(argv: Sequence[str]) -> int:
     p = cli.parser("experiments/scaling_ablation.py", __doc__.split("\n\n")[0], EPILOG)
     p.add_argument("--ladder", default=str(DEFAULT_LADDER), help="ladder YAML (default: experiments/ladders/local.yaml)")
     cli.add_flags(p, "overrides", "num_samples", "evaluator", "ray_address", "tracking_uri",
-                  overrides={"help": "ladder settings, e.g. rungs.0.max_steps=100"})
+                  overrides={"help": "ladder settings, e.g. rungs.0.max_steps=100"},
+                  **cli.from_the_yaml("sweep scoring", "evaluator"))
     p.add_argument("--name", default=None, help="ablation name (default: scaling-<ladder>-<data source>); re-use to resume")
     args = p.parse_args(argv)
     from pipelines.sweeps.ablation import load_ablation_config, run_ablation
@@ -39,8 +40,9 @@ def _main(argv: Sequence[str]) -> int:
     from pipelines.tracking.ui import ui_command
 
     cfg = load_ablation_config(args.ladder, list(args.overrides))
-    cfg.sweep += [f"scoring.evaluator={args.evaluator}"] + ([f"fixed.num_samples={args.num_samples}"]
-                                                            if args.num_samples else [])
+    # Flags given on the command line win over the ladder's own sweep list (appended after it).
+    cfg.sweep += ([f"scoring.evaluator={args.evaluator}"] if args.evaluator is not None else []) \
+        + ([f"fixed.num_samples={args.num_samples}"] if args.num_samples else [])
     ledger = run_ablation(cfg, name=args.name, tracking_uri=args.tracking_uri, ray_address=args.ray_address)
     uri = resolve_tracking_uri(args.tracking_uri)
     print(f"[scaling] see it in MLflow:\n{ui_command(uri, ledger['experiment_id'], ledger['parent_run_id'])}")

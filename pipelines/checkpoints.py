@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import re
 import shutil
 import sys
@@ -38,6 +39,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
+from urllib.parse import urlsplit
 
 from elf_core.checkpoint import CONFIG_FILE, EMA_FILE, META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, parse_meta
 from elf_core.config import ExperimentConfig, from_yaml_text
@@ -58,9 +60,11 @@ class StoredCheckpoint:
 
     @property
     def attempt(self) -> str:
-        """The attempt directory's name (``""`` for a checkpoint directly under the run root)."""
-        parts = self.location.rstrip("/").split("/")
-        return parts[-2] if len(parts) >= 2 else ""
+        """The attempt directory's name (``""`` for a checkpoint directly under the run root). A URI's
+        ``?query`` (``endpoint_override=…``) is not part of the path."""
+        path = urlsplit(self.location).path if "://" in self.location else self.location
+        parent = posixpath.basename(posixpath.dirname(path.rstrip("/")))
+        return parent if parent.startswith("attempt-") else ""
 
     @property
     def run_record(self) -> dict:
@@ -132,24 +136,22 @@ def _attempt_dirs(root: str | Path) -> list[str]:
     return [d for d in fsx.list_dirs(root, "list attempts") if not d.startswith(".")]
 
 
-def rotate_checkpoints(root: str | Path, keep: int, *, current_attempt: str | None = None,
-                       protect: Iterable[str] = ()) -> list[str]:
-    """Keep the ``keep`` newest complete checkpoints (by step) over all attempts of a run; delete
-    the others — except those of ``current_attempt`` (when Ray is left to rotate that attempt) and
-    those in ``protect`` (e.g. a checkpoint being evaluated). Attempts left without a checkpoint are
-    removed too (never ``current_attempt``). Returns the deleted locations."""
+def rotate_checkpoints(root: str | Path, keep: int, *, protect: Iterable[str] = ()) -> list[str]:
+    """Keep the ``keep`` newest complete checkpoints (by step) over all attempts of a run; delete the
+    others except those in ``protect`` (e.g. a checkpoint being evaluated). Attempts left without a
+    checkpoint are removed too. Returns the deleted locations."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     found = list_checkpoints(root, on_incomplete=lambda *_: None)
     protected = {str(p).rstrip("/") for p in protect}
     removed = []
     for ckpt in found[:-keep]:
-        if ckpt.attempt != current_attempt and ckpt.location.rstrip("/") not in protected:
+        if ckpt.location.rstrip("/") not in protected:
             _delete(ckpt.location)
             removed.append(ckpt.location)
     alive = {c.attempt for c in found if c.location not in removed}
     for attempt in _attempt_dirs(root):
-        if attempt not in alive and attempt != current_attempt and attempt.startswith("attempt-"):
+        if attempt not in alive and attempt.startswith("attempt-"):
             _delete(fsx.child(root, attempt))
     return removed
 

@@ -16,9 +16,8 @@ import sys
 from typing import Any, Callable, Optional, Sequence
 
 from elf_core.errors import ElfError
+from pipelines.evaluation.choices import EVALUATOR_DTYPES, TASKS, WEIGHTS
 
-TASKS = ("unconditional", "translation", "summarization")
-WEIGHTS = {"auto": None, "ema": True, "raw": False}  # --weights -> use_ema
 
 # name -> (argparse flags, keyword arguments): one definition per flag for every CLI.
 FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -34,7 +33,7 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "evaluator": (("--evaluator",), dict(default="auto", help=(
         "Gen-PPL model: auto (default; gpt2-large in fp32 when loadable, else the offline smollm2 proxy, "
         "announced), gpt2-large, smollm2, a hub name, a save_pretrained dir or a .gguf file"))),
-    "evaluator_dtype": (("--evaluator-dtype",), dict(default="float32", choices=("float32", "bfloat16", "float16"),
+    "evaluator_dtype": (("--evaluator-dtype",), dict(default="float32", choices=EVALUATOR_DTYPES,
                                                     help="evaluator precision (default float32, as the paper)")),
     "ray_address": (("--ray-address",), dict(default=None, metavar="ADDR", help=(
         "Ray cluster (default: RAY_ADDRESS, else a fresh local Ray); e.g. http://head:8265 or auto"))),
@@ -45,6 +44,27 @@ FLAGS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         "torch CPU threads (default: torch's choice). On a busy 2-core machine 1 can be several times faster"))),
     "overrides": (("overrides",), dict(nargs="*", metavar="key=value", help="config overrides (OmegaConf dot-lists)")),
 }
+
+
+def from_the_yaml(section: str, *names: str) -> dict[str, dict[str, Any]]:
+    """``add_flags`` changes for a CLI whose YAML also sets these flags (a sweep space's ``scoring``):
+    unset, the flag is None and the YAML's value stands (the YAML's own default is the flag's)."""
+    return {n: {"default": None, "help": f"{FLAGS[n][1]['help']}. Unset: the YAML's {section}.{n}"} for n in names}
+
+
+def at_least(low: float, kind: Callable[[str], Any] = float, *, open_low: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a number >= ``low`` (> ``low`` when ``open_low``); anything else is a
+    usage error naming the flag (exit 2), not a traceback from deep inside."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is not {'>' if open_low else '>='} {low:g}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_flags(parser: argparse.ArgumentParser, *names: str, **changes: dict[str, Any]) -> None:
@@ -91,4 +111,4 @@ def run_main(fn: Callable[[Sequence[str]], int], argv: Optional[Sequence[str]] =
         return 130
 
 
-__all__ = ["FLAGS", "TASKS", "WEIGHTS", "add_flags", "parser", "set_threads", "run_main"]
+__all__ = ["FLAGS", "from_the_yaml", "at_least", "add_flags", "parser", "set_threads", "run_main"]

@@ -19,20 +19,23 @@ from pipelines.infra.paths import DEFAULT_CONFIG, PROJECT_ROOT, absolutise
 
 EPILOG = """examples:
   python pipelines/train.py                                  the embedded default: tiny ELF, bundled corpus,
-                                                             offline MiniLM encoder, 2 CPU workers
+                                                             offline MiniLM encoder, 1 worker x 2 CPUs
   python pipelines/train.py train.max_steps=50 ray.num_workers=1
   python pipelines/train.py --config experiments/owt_elf_b.yaml
   ray job submit --working-dir . -- python pipelines/train.py --config experiments/owt_elf_b.yaml
+  python pipelines/train.py train.eval_every=100              score every 100th checkpoint beside training
+                                                             (Gen PPL / BLEU in MLflow as eval/*, @best)
 
 overrides are OmegaConf dot-lists (section.key=value); sections: model encoder data flow optim train
-sample ray tracking.
+sample eval ray tracking.
 
 the same name is the same run:
   not finished      resubmitting resumes it (same MLflow run, data order and loss curve continue)
   finished          resubmitting prints where it finished and exits 0; raise train.max_steps or
                     train.epochs to continue the same MLflow run
   --fresh           retires the earlier attempts for good and opens a new MLflow run
-  changed config    anything but run length, log/checkpoint cadence and Ray resources is refused
+  changed config    anything but run length, log/checkpoint/eval cadence, eval.*, Ray resources and
+                    paths is refused
 """
 
 

@@ -10,6 +10,11 @@ It serves the store with a lean ``mlflow ui`` (unless ``--url`` names a running 
    that its first screen shows the loss curve — a chart titled ``loss`` with more than one point;
 2. the frontier PNG of a sweep nested under the training run (``frontier/frontier.png``) on that
    sweep's artifact page, and checks the image loaded (its natural size);
+3. the frontier-over-training plot of the evaluation beside training
+   (``eval/frontier_over_training.png``) on the training run's own artifact page, the same way.
+
+A check whose artifact the run does not have is reported as not applicable; at least one of 2 and 3
+must apply.
 
 writes a screenshot of each into ``--out`` and prints one JSON report; exit status 1 when a check
 fails. Needs Playwright (the dev extra) and Debian's chromium (``apt-get install chromium``).
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 CHROMIUM = "/usr/bin/chromium"
+OVER_TRAINING = "eval/frontier_over_training.png"  # pipelines/training/eval_record.py, log_plot
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 
@@ -98,7 +104,11 @@ def check_frontier(page: Any, url: str, shot: Path, wait_s: float) -> dict[str, 
     page.goto(url)
     # The artifact viewer fetches the file and shows it from a blob: URL once it has loaded.
     found = "() => [...document.querySelectorAll('img')].find(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0)"
-    page.wait_for_function(found, timeout=wait_s * 1000)
+    try:
+        page.wait_for_function(found, timeout=wait_s * 1000)
+    except Exception as e:  # noqa: BLE001 - playwright's TimeoutError: report it with what the page showed
+        page.screenshot(path=str(shot))
+        return {"url": url, "screenshot": str(shot), "ok": False, "why": f"no image after {wait_s:g} s: {e}"[:300]}
     size = page.evaluate(f"() => {{ const i = ({found})(); return [i.naturalWidth, i.naturalHeight]; }}")
     page.screenshot(path=str(shot))
     return {"url": url, "screenshot": str(shot), "image_size": size, "ok": size[0] > 0}
@@ -124,19 +134,27 @@ def run_checks(uri: str, run_id: Optional[str], out: Path, url: Optional[str] = 
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            report["metrics"] = check_metrics(page, run_url(url, exp, run.info.run_id, "model-metrics"),
+            # A fresh page per check: within one page the UI is a single-page app whose cached run state
+            # (measured: an artifact list read on the metrics tab) would hide what a new visitor sees.
+            def page() -> Any:
+                return browser.new_page(viewport={"width": 1400, "height": 900})
+
+            report["metrics"] = check_metrics(page(), run_url(url, exp, run.info.run_id, "model-metrics"),
                                               out / "model-metrics.png", wait_s)
             if sweeps:
                 art = run_url(url, exp, sweeps[0].info.run_id, "artifacts/frontier/frontier.png")
-                report["frontier"] = check_frontier(page, art, out / "frontier.png", wait_s)
-            else:
-                report["frontier"] = {"ok": False, "why": "no frontier sweep nested under the training run"}
+                report["frontier"] = check_frontier(page(), art, out / "frontier.png", wait_s)
+            if any(f.path == OVER_TRAINING for f in client.list_artifacts(run.info.run_id, "eval")):
+                art = run_url(url, exp, run.info.run_id, f"artifacts/{OVER_TRAINING}")
+                report["over_training"] = check_frontier(page(), art, out / "frontier_over_training.png", wait_s)
             browser.close()
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
-    report["ok"] = report["metrics"]["ok"] and report["frontier"]["ok"]
+    plots = [report[k]["ok"] for k in ("frontier", "over_training") if k in report]
+    if not plots:
+        report["plots"] = "neither a sweep nested under the run nor an evaluation beside training to look at"
+    report["ok"] = report["metrics"]["ok"] and bool(plots) and all(plots)
     return report
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -23,24 +22,12 @@ EVAL_EXPERIMENT = "elf/eval"  # evaluations of checkpoints no known training run
 PROVENANCE_TAGS = ("evaluator", "evaluator_dtype", "checkpoint", "checkpoint_step", "seed", "num_samples", "task")
 
 
-def home_of(client: MlflowClient, training_run_id: Optional[str]) -> tuple[str, Optional[str]]:
-    """``(experiment id, parent run id)`` for runs about a checkpoint: the training run's experiment
-    with the training run as parent when this store has it, else ``elf/eval`` and no parent."""
-    exp_id = runs.experiment_of(client, training_run_id) if training_run_id else None
-    if training_run_id and exp_id is None:
-        print(f"[eval] note: training run {training_run_id} is not in {client.tracking_uri}; logging to "
-              f"'{EVAL_EXPERIMENT}' without a parent", file=sys.stderr)
-    if exp_id is None:
-        return runs.ensure_experiment(EVAL_EXPERIMENT, client), None
-    return exp_id, training_run_id
-
-
 @contextlib.contextmanager
 def evaluation_run(client: MlflowClient, session: EvalSession, name: str, sample_cfg: SampleConfig,
                    num_samples: Optional[int], seed: Optional[int]) -> Iterator[str]:
     """An MLflow run for one sampling config, open while it samples and scores (so Ctrl-C or a crash
     leaves it KILLED / FAILED, never RUNNING)."""
-    exp_id, parent = home_of(client, session.ckpt.training_run_id)
+    exp_id, parent = runs.home_of(client, session.ckpt.training_run_id, EVAL_EXPERIMENT, note="[eval]")
     n = session.sample_count(sample_cfg, num_samples)
     prov = session.provenance(sample_cfg, n, int(seed if seed is not None else sample_cfg.seed))
     tags = {f"elf.eval.{k}": prov[k] for k in PROVENANCE_TAGS if k in prov}
@@ -52,9 +39,7 @@ def evaluation_run(client: MlflowClient, session: EvalSession, name: str, sample
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    path.write_text(runs.jsonl(rows), encoding="utf-8")
     return path
 
 
@@ -80,4 +65,4 @@ def log_evaluation(client: MlflowClient, run_id: str, session: EvalSession, resu
     client.log_table(run_id, data={c: [s[c] for s in shown] for c in cols}, artifact_file="samples/table.json")
 
 
-__all__ = ["EVAL_EXPERIMENT", "home_of", "evaluation_run", "write_jsonl", "write_result", "log_evaluation"]
+__all__ = ["EVAL_EXPERIMENT", "evaluation_run", "write_jsonl", "write_result", "log_evaluation"]

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from elf_core.config import load_config
 from pipelines import checkpoints
-from pipelines.cli import WEIGHTS
+from pipelines.evaluation.choices import WEIGHTS
 from pipelines.evaluation import records
 from pipelines.evaluation.inputs import EvalError, apply_overrides, load_sampling_configs, run_name
 from pipelines.infra.filesystems import basename

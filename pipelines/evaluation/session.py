@@ -34,11 +34,11 @@ from elf_core.evaluator import Evaluator, load_evaluator
 from elf_core.metrics import conditional_metrics, drop_empty
 from elf_core.sampling import batch_bounds, generate, num_batches
 from pipelines import checkpoints
+from pipelines.evaluation.choices import TASKS
 from pipelines.evaluation.inputs import EvalError, ReferencePairs, load_reference_pairs, sampler_settings
 from pipelines.infra.paths import EXPERIMENTS_DIR, PROJECT_ROOT
 from pipelines.infra.progress import Progress
 
-TASKS = ("unconditional", "translation", "summarization")
 # Paper experiments that give an official checkpoint its data / flow / sampling settings, per task.
 OFFICIAL_TASK_CONFIGS = {"unconditional": "owt_elf_b.yaml", "translation": "wmt14_de_en_elf_b.yaml",
                          "summarization": "xsum_elf_b.yaml"}
@@ -293,4 +293,4 @@ class EvalSession:
                         progress=progress)
 
 
-__all__ = ["EvalSession", "EvalResult", "EmptySamplesError", "load_network", "TASKS"]
+__all__ = ["EvalSession", "EvalResult", "EmptySamplesError", "load_network"]

@@ -29,6 +29,13 @@ def under_root(path: str | Path) -> Path:
     return p if p.is_absolute() else runs_root() / p
 
 
+def in_checkout(path: str | Path) -> Path:
+    """A file shipped with the code (a base YAML, a sweep space): ``path`` as given when absolute, else
+    under the checkout — not the runs root, which may be elsewhere."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
 def absolutise(cfg) -> None:
     """Make the config's relative paths absolute under :func:`runs_root` (Ray workers run in other
     directories); URIs (``s3://…``) are left as they are."""
@@ -37,3 +44,13 @@ def absolutise(cfg) -> None:
         value = getattr(obj, key)
         if value and "://" not in value:
             setattr(obj, key, str(under_root(value)))
+    # Files the evaluator beside training reads, in a Ray actor whose working directory is not the
+    # user's: a relative path that names a file here (or in the checkout) becomes absolute. Anything
+    # else (a hub dataset name, a URI) is left for the loader to resolve or refuse.
+    for key in ("sampling", "references"):
+        value = getattr(cfg.eval, key)
+        if value and "://" not in value and not Path(value).is_absolute():
+            for candidate in (Path(value), PROJECT_ROOT / value):
+                if candidate.exists():
+                    setattr(cfg.eval, key, str(candidate.resolve()))
+                    break

@@ -39,9 +39,6 @@ from pipelines.infra.filesystems import StorageError
 OPT_IN_ENV = "ELF_SHARED_STORAGE"
 _TRUE = ("1", "true", "yes", "on")
 
-# Ray Train storage URIs that are remote by construction (pyarrow / fsspec filesystems).
-REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "hdfs", "viewfs", "oss", "r2"})
-
 # Filesystem types (field 3 of /proc/mounts) that several machines mount at once.
 SHARED_FS_TYPES = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "cephfs", "glusterfs", "beegfs",

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from elf_core.config import ExperimentConfig, load_config, load_structured
 from elf_core.errors import ElfError
 from elf_core.validation import check_values, ranged
-from pipelines.infra.paths import PROJECT_ROOT, absolutise, under_root
+from pipelines.infra.paths import absolutise, in_checkout, under_root
 from pipelines.sweeps.run import run_sweep
 from pipelines.sweeps.settings import SweepConfig, SweepError, load_sweep_config
 from pipelines.tracking import runs
@@ -79,14 +79,14 @@ def rung_config(cfg: AblationConfig, rung: Rung, run_name: str, uri: str) -> Exp
     over += [f"train.max_steps={rung.max_steps}"] if rung.max_steps else []
     over += [*rung.overrides, *cfg.train, f"name={run_name}", f"tracking.uri={uri}",
              f"tracking.experiment={cfg.experiment}"]
-    exp = load_config(PROJECT_ROOT / cfg.base if not Path(cfg.base).is_absolute() else cfg.base, over)
+    exp = load_config(in_checkout(cfg.base), over)
     absolutise(exp)
     return exp
 
 
 def default_name(cfg: AblationConfig) -> str:
     """``scaling-<ladder>-<data source>``: names say what ran (e.g. scaling-local-sotu)."""
-    base = load_config(PROJECT_ROOT / cfg.base if not Path(cfg.base).is_absolute() else cfg.base)
+    base = load_config(in_checkout(cfg.base))
     return runs.slug(f"scaling-{cfg.ladder}-{base.data.source.split(':')[-1].split('/')[-1]}", "scaling")
 
 
@@ -140,7 +140,7 @@ def run_ablation(cfg: AblationConfig, *, name: Optional[str] = None, tracking_ur
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_reachable(uri)
     client = make_client(uri)
-    sweep_cfg = load_sweep_config(PROJECT_ROOT / cfg.space if not Path(cfg.space).is_absolute() else cfg.space,
+    sweep_cfg = load_sweep_config(in_checkout(cfg.space),
                                   cfg.sweep)
     name = name or cfg.name or default_name(cfg)
     for rung in cfg.rungs:  # every rung's config is checked before anything runs
@@ -148,7 +148,10 @@ def run_ablation(cfg: AblationConfig, *, name: Optional[str] = None, tracking_ur
     out_dir = under_root(cfg.out).resolve() / name
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger_path = out_dir / "ledger.json"
-    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"cells": {}}
+    try:
+        ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"cells": {}}
+    except json.JSONDecodeError as e:
+        raise SweepError(f"{ledger_path}: not valid JSON ({e}); move it away to start the ablation over") from None
     exp_id = ledger.get("experiment_id") or runs.ensure_experiment(cfg.experiment, client)
     tags = {"elf.ladder": cfg.ladder, "elf.rungs": " ".join(r.name for r in cfg.rungs)}
     with runs.tracked_run(client, exp_id, name, kind="scaling-ablation", reattach=ledger.get("parent_run_id"),

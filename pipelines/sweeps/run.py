@@ -12,6 +12,7 @@ parent run id; what ``--resume`` reads), ``tune/`` (Tune's experiment, ``Tuner.r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -81,24 +82,15 @@ def _ledger(out_dir: Path, name: str, resume: str, now: dict[str, str]) -> Optio
                          "or --name to start another")
     if not path.is_file():
         return None
-    ledger = json.loads(path.read_text())
+    try:
+        ledger = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SweepError(f"{path}: not valid JSON ({e}); move it away and run without --resume") from None
     for key, value in now.items():
-        if ledger.get(key) != value:
+        if key in ledger and ledger[key] != value:  # a key older ledgers lack is not compared
             raise SweepError(f"--resume {name!r}: {key} was {ledger.get(key)!r}, now {value!r}; resume with the same "
                              "settings or pass --name for a new sweep")
     return ledger
-
-
-def _home(client: Any, ck: checkpoints.ResolvedCheckpoint, cfg: SweepConfig,
-          nest_under: Optional[tuple[str, str]]) -> tuple[str, Optional[str]]:
-    """``(experiment id, parent run id)``: under ``nest_under`` (the ablation), else under the
-    checkpoint's training run when this store has it, else in ``cfg.experiment`` with no parent."""
-    if nest_under:
-        return nest_under
-    exp_id = runs.experiment_of(client, ck.training_run_id) if ck.training_run_id else None
-    if exp_id is not None:
-        return exp_id, ck.training_run_id
-    return runs.ensure_experiment(cfg.experiment, client), None
 
 
 def _resources(cfg: SweepConfig, address: Optional[str]) -> tuple[dict[str, float], int]:
@@ -196,15 +188,18 @@ def run_sweep(checkpoint: str, cfg: SweepConfig, *, name: Optional[str] = None, 
     threshold = pareto.threshold_for(cfg, ck.config.data.max_length if ck.config is not None else None)
     name = name or default_name(checkpoint, cfg)
     out_dir = under_root(cfg.out).resolve() / name
-    ledger = _ledger(out_dir, name, resume, {"checkpoint": ck.pinned, "space": str(Path(cfg.path).resolve()),
-                                              "search": cfg.search.kind, "tracking_uri": uri})
-    exp_id, parent_of = (ledger["experiment_id"], None) if ledger else _home(client, ck, cfg, nest_under)
+    identity = {"checkpoint": ck.pinned, "space": str(Path(cfg.path).resolve()), "search": cfg.search.kind,
+                "tracking_uri": uri, "settings": settings_digest(cfg)}
+    ledger = _ledger(out_dir, name, resume, identity)
+    # Under the ablation (nest_under), else under the checkpoint's training run, else cfg.experiment.
+    exp_id, parent_of = (ledger["experiment_id"], None) if ledger else \
+        nest_under or runs.home_of(client, ck.training_run_id, cfg.experiment)
     tags = {"elf.checkpoint": ck.pinned, "elf.sweep.space": cfg.name, "elf.sweep.search": cfg.search.kind,
             "elf.evaluator": cfg.scoring.evaluator}
     with runs.tracked_run(client, exp_id, name, kind="frontier-sweep", reattach=ledger and ledger["parent_run_id"],
                           parent_run_id=parent_of, tags=tags) as run:
         if ledger is None:
-            _record_new(client, run.run_id, exp_id, cfg, ck, uri, out_dir, threshold)
+            _record_new(client, run.run_id, exp_id, cfg, ck, out_dir, threshold, identity)
         print(f"[sweep] {name}: parent MLflow run {run.run_id} ({uri})" + (" — resuming" if ledger else ""), flush=True)
         outcome = _sweep(cfg, ck, client, uri, exp_id, run.run_id, name, out_dir, threshold, ledger is not None,
                          ray_address, session_factory, verbose)
@@ -212,8 +207,20 @@ def run_sweep(checkpoint: str, cfg: SweepConfig, *, name: Optional[str] = None, 
     return outcome
 
 
-def _record_new(client: Any, parent: str, exp_id: str, cfg: SweepConfig, ck: Any, uri: str, out_dir: Path,
-                threshold: Optional[float]) -> None:
+def settings_digest(cfg: SweepConfig) -> str:
+    """A short hash of the resolved settings that decide a trial's numbers (from the space file and the
+    overrides alike): a ``--resume`` with another ``fixed.num_samples`` or evaluator would mix two
+    sweeps in one frontier. How a run is paced (``search.max_trials`` / ``max_concurrent`` /
+    ``cpus_per_trial`` / ``retry_failed``, ``scoring.device`` / ``log_samples``) may change on resume."""
+    s, sc = cfg.search, cfg.scoring
+    decisive = {"task": cfg.task, "fixed": cfg.fixed, "params": cfg.params, "objectives": cfg.objectives,
+                "constraint": cfg.constraint, "search": [s.kind, s.trials, s.seed],
+                "scoring": [sc.evaluator, sc.evaluator_dtype, sc.weights, sc.task, sc.references]}
+    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
+
+def _record_new(client: Any, parent: str, exp_id: str, cfg: SweepConfig, ck: Any, out_dir: Path,
+                threshold: Optional[float], identity: dict[str, str]) -> None:
     runs.log_params(client, parent, {"checkpoint": ck.pinned, "space": cfg.path, "search": cfg.search.kind,
                                      "trials": cfg.expected_trials(), "evaluator": cfg.scoring.evaluator,
                                      "evaluator_dtype": cfg.scoring.evaluator_dtype, "min_entropy": threshold,
@@ -222,8 +229,7 @@ def _record_new(client: Any, parent: str, exp_id: str, cfg: SweepConfig, ck: Any
     client.log_text(parent, Path(cfg.path).read_text(), f"frontier/space-{Path(cfg.path).name}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / LEDGER).write_text(json.dumps({
-        "parent_run_id": parent, "experiment_id": exp_id, "checkpoint": ck.pinned,
-        "space": str(Path(cfg.path).resolve()), "search": cfg.search.kind, "tracking_uri": uri,
+        "parent_run_id": parent, "experiment_id": exp_id, **identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 

@@ -23,10 +23,10 @@ from typing import Any, Optional
 from elf_core.config import SampleConfig, load_structured
 from elf_core.errors import ElfError
 from elf_core.validation import check_values, ranged
+from pipelines.evaluation.choices import EVALUATOR_DTYPES, TASKS, WEIGHTS
 
 SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(SampleConfig))
 SETTING_KEYS = ("sampler", "steps", "gamma", "sc_cfg", "cfg", "grid")  # what a frontier varies
-TASKS = ("unconditional", "translation", "summarization")
 
 
 class SweepError(ElfError):
@@ -62,8 +62,8 @@ class Search:
 @dataclass
 class Scoring:
     evaluator: str = "auto"
-    evaluator_dtype: str = ranged("float32", choices=("float32", "bfloat16", "float16"))
-    weights: str = ranged("auto", choices=("auto", "ema", "raw"))
+    evaluator_dtype: str = ranged("float32", choices=EVALUATOR_DTYPES)
+    weights: str = ranged("auto", choices=tuple(WEIGHTS))
     task: Optional[str] = ranged(None, choices=TASKS)  # default: the checkpoint's
     references: Optional[str] = None
     device: Optional[str] = None  # default: a GPU when the trial has one
@@ -116,7 +116,15 @@ def _check_params(cfg: SweepConfig, origin: str) -> None:
         if isinstance(v, dict) and cfg.search.kind == "grid":
             raise SweepError(f"{origin}: params.{k} is a range; search.kind=grid needs a list of values "
                              "(use search.kind=random or optuna)")
-    for i, value in enumerate([cfg.fixed] + [{k: x} for k, v in cfg.params.items() if isinstance(v, list) for x in v]):
+        if isinstance(v, dict):
+            low, high = v["low"], v["high"]
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (low, high)) or low > high:
+                raise SweepError(f"{origin}: params.{k}: a range needs numbers low <= high, got low={low!r}, high={high!r}")
+            if v.get("log") and low <= 0:
+                raise SweepError(f"{origin}: params.{k}: a log range needs low > 0, got low={low!r}")
+    # Every listed value and both ends of every range must be valid sampler settings.
+    points = [{k: x} for k, v in cfg.params.items() for x in (v if isinstance(v, list) else (v["low"], v["high"]))]
+    for i, value in enumerate([cfg.fixed] + points):
         sc = dataclasses.replace(SampleConfig(), **value)
         check_values(sc, origin if i == 0 else f"{origin} (params)", SweepError, prefix="sample.")
 
@@ -144,4 +152,4 @@ def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfi
 
 
 __all__ = ["SweepConfig", "Objective", "Constraint", "Search", "Scoring", "SweepError", "load_sweep_config",
-           "SAMPLE_FIELDS", "SETTING_KEYS", "TASKS"]
+           "SAMPLE_FIELDS", "SETTING_KEYS"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import signal
 import threading
@@ -24,7 +23,7 @@ from ray import tune
 
 from elf_core.config import SampleConfig
 from elf_core.sampling import nfe
-from pipelines.cli import WEIGHTS
+from pipelines.evaluation.choices import WEIGHTS
 from pipelines.sweeps.settings import Scoring
 from pipelines.sweeps.space import settings_label
 from pipelines.tracking import runs
@@ -113,8 +112,7 @@ def _evaluate(ctx: TrialContext, client: Any, run_id: str, sample_cfg: SampleCon
     runs.set_tags(client, run_id, {**{f"elf.eval.{k}": v for k, v in (result.provenance or {}).items()},
                                    "elf.worker_pid": os.getpid()})
     if ctx.scoring.log_samples and result.samples:
-        lines = "".join(json.dumps(s) + "\n" for s in result.samples[: ctx.scoring.log_samples])
-        client.log_text(run_id, lines, "samples/samples.jsonl")
+        runs.log_jsonl(client, run_id, result.samples[: ctx.scoring.log_samples], "samples/samples.jsonl")
     return metrics
 
 
@@ -174,7 +172,7 @@ def close_orphan_children(client: Any, experiment_id: str, parent_run_id: str, s
     sweep re-attaches to them by trial id. Returns how many were ended."""
     orphans = [r for r in runs.child_runs(client, experiment_id, parent_run_id) if r.info.status == "RUNNING"]
     for run in orphans:
-        client.set_terminated(run.info.run_id, status)
+        runs.finish_run(client, run.info.run_id, status)
     return len(orphans)
 
 

@@ -15,7 +15,6 @@ from typing import Mapping
 
 CURVES = "curves"
 CURVE_KEYS = ("loss", "ce", "l2", "decode_acc")  # the objective and its branches, on the training batch
-LOSS = f"{CURVES}/loss"
 
 
 def step_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -32,4 +31,4 @@ def probe_key(name: str) -> str:
     return f"{CURVES}/probe_{name}"
 
 
-__all__ = ["CURVES", "CURVE_KEYS", "LOSS", "step_metrics", "probe_metrics", "probe_key"]
+__all__ = ["CURVES", "CURVE_KEYS", "step_metrics", "probe_metrics", "probe_key"]

@@ -21,6 +21,8 @@ from pipelines.tracking.runs import slug, stringify
 from pipelines.tracking.store import TrackingError
 
 CHECKPOINT_ARTIFACTS = "checkpoint"  # artifact path of a training run's registered checkpoint
+# What a registered version holds: the weights, EMA (optional) and what rebuilds the model — no optimizer state.
+REGISTERED_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "meta.json")
 
 
 def registered_model_name(name: str) -> str:
@@ -130,5 +132,5 @@ def tag_version(client: MlflowClient, mv: ModelVersion, tags: Mapping[str, Any])
         client.set_model_version_tag(mv.name, mv.version, k, stringify(v, 5000))
 
 
-__all__ = ["registered_model_name", "model_name_for", "parse_models_uri", "resolve_version", "versions_of_run", "last_of_run",
+__all__ = ["REGISTERED_FILES", "registered_model_name", "model_name_for", "parse_models_uri", "resolve_version", "versions_of_run", "last_of_run",
            "register_checkpoint", "tag_version", "CHECKPOINT_ARTIFACTS"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import posixpath
@@ -25,6 +26,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +116,30 @@ def experiment_of(client: MlflowClient, run_id: str) -> str | None:
         return client.get_run(run_id).info.experiment_id
     except MlflowException:
         return None
+
+
+def jsonl(rows: list[dict]) -> str:
+    """One JSON object per line, non-ASCII text kept as is: how samples are written everywhere."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def log_jsonl(client: MlflowClient, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    client.log_text(run_id, jsonl(rows), artifact_file)
+
+
+def home_of(client: MlflowClient, training_run_id: str | None, fallback_experiment: str,
+            *, note: str = "") -> tuple[str, str | None]:
+    """``(experiment id, parent run id)`` for runs about a checkpoint (an evaluation, a sweep): the
+    training run's experiment with the training run as parent when this store has it, else
+    ``fallback_experiment`` and no parent (said on stderr with ``note`` as prefix, when the checkpoint
+    names a training run this store lacks)."""
+    exp_id = experiment_of(client, training_run_id) if training_run_id else None
+    if exp_id is not None:
+        return exp_id, training_run_id
+    if training_run_id and note:
+        print(f"{note} note: training run {training_run_id} is not in {client.tracking_uri}; logging to "
+              f"'{fallback_experiment}' without a parent", file=sys.stderr)
+    return ensure_experiment(fallback_experiment, client), None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +302,6 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
                               max_results=5000)
 
 
-__all__ = ["ensure_experiment", "experiment_of", "provenance_tags", "log_params", "set_tags", "create_run",
+__all__ = ["ensure_experiment", "experiment_of", "home_of", "jsonl", "log_jsonl", "provenance_tags", "log_params", "set_tags", "create_run",
            "reattach_run", "finish_run", "status_for_exception", "run_guard", "tracked_run", "TrackedRun", "sigterm_as_exit",
            "child_runs", "slug", "stringify", "check_key", "RUN_STATUSES", "KIND_TAG", "PARENT_TAG", "ERROR_TAG"]

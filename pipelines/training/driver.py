@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +33,9 @@ from pipelines.tracking import names, registry, runs
 from pipelines.tracking.store import check_tracking_reachable, make_client, resolve_tracking_uri
 from pipelines.tracking.ui import ui_command
 from pipelines.training import evaluator
+from pipelines.training.eval_record import sampling_points
 from pipelines.training.run_model import RunPlan, finished_line, plan_run
 
-REGISTERED_FILES = ("model.safetensors", "ema.safetensors", "config.yaml", "meta.json")  # no optimizer state
 
 
 @dataclass
@@ -69,14 +68,17 @@ def planned_length(cfg: ExperimentConfig) -> tuple[int, int, int]:
     return len(rows), steps_per_epoch, total_steps(cfg, steps_per_epoch)
 
 
-def connect_ray(cfg: ExperimentConfig, tracking_uri: str) -> bool:
-    """Connect to / start Ray; check the workers can ever fit and their storage is shared when they
-    span nodes. Returns whether workers get a GPU."""
+def connect_ray(cfg: ExperimentConfig, tracking_uri: str, evaluates: bool) -> bool:
+    """Connect to / start Ray; check the workers (and the evaluator beside them, when ``evaluates``) can
+    ever fit and their storage is shared when they span nodes — all before any MLflow run exists.
+    Returns whether workers get a GPU."""
     session = init_ray(cfg.ray.address)
     use_gpu = {"true": True, "false": False}.get(cfg.ray.use_gpu, session.resources.get("GPU", 0) > 0)
     gpus = 1.0 if use_gpu else 0.0
     check_cluster_fits(cfg.ray.num_workers, cfg.ray.cpus_per_worker, gpus,
                        hint="lower ray.num_workers / ray.cpus_per_worker or add nodes")
+    if evaluates:
+        evaluator.check_fits(cfg, use_gpu)
     report = check_storage_for_cluster(cfg.ray.storage_path, nodes_for_run(cfg.ray.num_workers,
                                        cfg.ray.cpus_per_worker, gpus), tracking_uri=tracking_uri)
     print(f"[elf] storage: {report.summary()}", flush=True)
@@ -122,15 +124,39 @@ def fit(cfg: ExperimentConfig, plan: RunPlan, run_id: str, tracking_uri: str, us
             # evaluated); Ray's own num_to_keep would delete them behind the evaluator's back.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        bad_input = elf_error_in(e)
+        if bad_input is None:
+            raise
+        raise ElfError(str(bad_input)) from None  # bad input on a worker: one line, exit 2, not a traceback
+
+
+def elf_error_in(error: BaseException) -> Optional[ElfError]:
+    """The ElfError a worker raised, if that is what failed the attempt. Ray wraps it: a
+    ``WorkerGroupError`` maps ranks to ``RayTaskError``s whose ``cause`` (or ``__cause__``) is the
+    original; the wrapper itself also subclasses ElfError, so only an unwrapped one is returned."""
+    import ray.exceptions
+
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ElfError) and not isinstance(e, ray.exceptions.RayError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()]
+    return None
 
 
 def register(client: MlflowClient, run_id: str, cfg: ExperimentConfig, root: str) -> tuple[Optional[str], dict]:
     """Register the run's newest checkpoint as a version of its model (alias ``@last``); returns
     ``(models:/name/version, its meta.json)``."""
     name = registry.model_name_for(cfg)
-    with checkpoints.resolve(root, files=REGISTERED_FILES if fsx.is_uri(root) else None) as ckpt:
-        files = [f for f in REGISTERED_FILES if (ckpt.path / f).is_file()]  # ema.safetensors is optional
+    with checkpoints.resolve(root, files=registry.REGISTERED_FILES if fsx.is_uri(root) else None) as ckpt:
+        files = [f for f in registry.REGISTERED_FILES if (ckpt.path / f).is_file()]  # ema.safetensors is optional
         version = registry.register_checkpoint(client, run_id, ckpt.path, name, alias="last", files=files,
                                                tags={"elf.step": ckpt.step})
         return f"models:/{name}/{version}", ckpt.meta
@@ -141,8 +167,8 @@ def log_samples(client: MlflowClient, run_id: str, summary: dict) -> None:
     start, end = (summary.get("start") or {}).get("samples_start", []), (summary.get("end") or {}).get("samples", [])
     for name, texts in (("final", end), ("start", start)):
         if texts:
-            client.log_text(run_id, "".join(json.dumps({"id": i, "generated": t}) + "\n" for i, t in enumerate(texts)),
-                            f"samples/{name}.jsonl")
+            runs.log_jsonl(client, run_id, [{"id": i, "generated": t} for i, t in enumerate(texts)],
+                           f"samples/{name}.jsonl")
     if end:
         client.log_table(run_id, data={"id": list(range(len(end))), "at_end": end,
                                        "at_start": (start + [""] * len(end))[:len(end)]},
@@ -159,7 +185,9 @@ def print_summary(client: MlflowClient, outcome: TrainOutcome, summary: dict, ur
                   f"{history[-1].value:.4f} at step {history[-1].step}")
     if outcome.train_seconds is not None:
         print(f"      training loop: {outcome.train_seconds:.1f} s on rank 0")
-    if outcome.evaluation is not None:
+    if outcome.evaluation and outcome.evaluation.get("error"):
+        print(f"      evaluation beside training failed (tag elf.eval.error): {outcome.evaluation['error']}")
+    elif outcome.evaluation is not None:
         e = outcome.evaluation
         print(f"      evaluated beside training at steps {e.get('evaluated')} (skipped {e.get('skipped')}, "
               f"errors {e.get('errors')}); handoffs took at most {max(outcome.handoff_s or (0.0,)) * 1000:.0f} ms")
@@ -190,9 +218,11 @@ def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[s
         print(f"[elf] {plan.retired}", flush=True)
     if plan.action == "finished":
         return _already_finished(client, cfg, plan, n_steps, t0)
-    use_gpu = connect_ray(cfg, uri)
-    exp_id = runs.ensure_experiment(cfg.tracking.experiment, client)
     every = evaluator.eval_every(cfg, steps_per_epoch)
+    if every:
+        sampling_points(cfg)  # a bad eval.sampling list is refused here, not in the actor mid-run
+    use_gpu = connect_ray(cfg, uri, evaluates=bool(every))
+    exp_id = runs.ensure_experiment(cfg.tracking.experiment, client)
     with runs.tracked_run(client, exp_id, cfg.name, kind="training", reattach=plan.mlflow_run_id,
                           parent_run_id=parent_run_id) as run:
         run_id = run.run_id
@@ -207,10 +237,12 @@ def run(cfg: ExperimentConfig, *, fresh: bool = False, parent_run_id: Optional[s
             if actor is not None:
                 evaluator.catch_up(actor, plan.root, every)
             summary = fit(cfg, plan, run_id, uri, use_gpu, inject_failure,
-                          (f"elf-evaluator-{run_id}", every) if actor is not None else None).return_value or {}
+                          (evaluator.actor_name(run_id), every) if actor is not None else None).return_value or {}
             model_uri, meta = register(client, run_id, cfg, plan.root)
             log_samples(client, run_id, summary)
             evaluated = evaluator.finish(actor, plan.root) if actor is not None else None
+            if evaluated and evaluated.get("error"):
+                runs.set_tags(client, run_id, {"elf.eval.error": evaluated["error"]})
         finally:
             evaluator.stop(actor)
     steps = int(meta["step"])

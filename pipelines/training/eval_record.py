@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -24,12 +23,11 @@ from elf_core.config import ExperimentConfig, SampleConfig
 from pipelines.evaluation.inputs import load_sampling_configs, run_name
 from pipelines.sweeps.pareto import auto_min_entropy
 from pipelines.sweeps.plot import plot_over_training
-from pipelines.tracking import registry
+from pipelines.tracking import registry, runs
 from pipelines.tracking.metrics import log_metrics
 
 BEST_METRIC = {"unconditional": ("gen_ppl", "min"), "translation": ("bleu", "max"), "summarization": ("rougeL", "max")}
 EVALUATED = "eval/evaluated"
-REGISTERED = ("model.safetensors", "ema.safetensors", "config.yaml", "meta.json")
 
 
 def sampling_points(cfg: ExperimentConfig) -> list[SampleConfig]:
@@ -62,8 +60,7 @@ def log_evaluation(client: Any, run_id: str, step: int, results: list[tuple[Samp
         metrics.update({prefix + k: float(v) for k, v in result.metrics.items()})
         metrics[prefix + "sample_seconds"] = result.sample_seconds
     log_metrics(client, run_id, metrics, step=step)
-    lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in results[0][1].samples)
-    client.log_text(run_id, lines, f"eval/samples/step_{step:08d}.jsonl")
+    runs.log_jsonl(client, run_id, results[0][1].samples, f"eval/samples/step_{step:08d}.jsonl")
     return {k: float(v) for k, v in results[0][1].metrics.items()}
 
 
@@ -82,7 +79,7 @@ def register_best(client: Any, run_id: str, cfg: ExperimentConfig, local_dir: Pa
                   metrics: dict[str, float], task: str) -> str:
     """Register the checkpoint in ``local_dir`` as a version of the run's model, aliased ``best``."""
     metric = BEST_METRIC[task][0]
-    files = [f for f in REGISTERED if (local_dir / f).is_file()]
+    files = [f for f in registry.REGISTERED_FILES if (local_dir / f).is_file()]
     version = registry.register_checkpoint(client, run_id, local_dir, registry.model_name_for(cfg), alias="best",
                                            files=files, artifact_path=f"checkpoints/step_{step:08d}",
                                            tags={"elf.step": step, f"elf.eval.{metric}": metrics[metric]})

@@ -33,9 +33,9 @@ import ray
 from elf_core.config import ExperimentConfig, from_yaml_text, to_yaml
 from elf_core.errors import ElfError
 from pipelines import checkpoints
-from pipelines.cli import WEIGHTS
+from pipelines.evaluation.choices import WEIGHTS
 from pipelines.infra.ray_env import ClusterTooSmall, workers_that_fit
-from pipelines.tracking import runs
+from pipelines.tracking import registry, runs
 from pipelines.tracking.store import make_client
 from pipelines.training import eval_record as rec
 
@@ -150,8 +150,11 @@ class TrainingEvaluator:
                     self.cond.notify_all()
 
     def _fault(self, step: int) -> None:
-        """Test hooks: ``delay_s`` before reading a checkpoint; ``exit_at`` = step: the process dies once."""
+        """Test hooks: ``delay_s`` before reading a checkpoint; ``exit_at`` = step: the process dies once;
+        ``exit_always``: it dies at every checkpoint (gone for good after ``max_restarts``)."""
         time.sleep(float(self.faults.get("delay_s", 0.0)))
+        if self.faults.get("exit_always"):
+            os._exit(1)
         marker = Path(self.faults.get("marker_dir", "/nonexistent")) / f"evaluator-exit-{step}"
         if self.faults.get("exit_at") == step and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +174,7 @@ class TrainingEvaluator:
         rec.log_plot(self.client, self.run_id, self.history, self.task, self.cfg.name, threshold)
         if rec.is_better(self.task, metrics, self.best, threshold):
             self.best = metrics
-            with checkpoints.resolve(location, files=rec.REGISTERED) as ck:
+            with checkpoints.resolve(location, files=registry.REGISTERED_FILES) as ck:
                 model = rec.register_best(self.client, self.run_id, self.cfg, ck.path, step, metrics, self.task)
             _log(f"step {step}: new @best {model}")
         _log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -193,6 +196,11 @@ def eval_every(cfg: ExperimentConfig, steps_per_epoch: int) -> Optional[int]:
     return max(1, round(t.eval_every_epochs * steps_per_epoch / t.checkpoint_every)) * t.checkpoint_every
 
 
+def actor_name(run_id: str) -> str:
+    """The evaluator's Ray actor name: rank 0 finds it by this name (``hand_over``)."""
+    return f"elf-evaluator-{run_id}"
+
+
 def check_fits(cfg: ExperimentConfig, use_gpu: bool) -> None:
     """The evaluator must fit beside the training workers (refused before any step otherwise)."""
     totals = ray.cluster_resources()
@@ -210,10 +218,9 @@ def check_fits(cfg: ExperimentConfig, use_gpu: bool) -> None:
 
 
 def start(cfg: ExperimentConfig, run_id: str, tracking_uri: str, use_gpu: bool, faults: Optional[dict] = None) -> Any:
-    """Create the evaluator actor and wait until it has loaded its models."""
-    check_fits(cfg, use_gpu)
+    """Create the evaluator actor and wait until it has loaded its models (``check_fits`` first)."""
     actor = ray.remote(TrainingEvaluator).options(
-        name=f"elf-evaluator-{run_id}", namespace=NAMESPACE, num_cpus=cfg.ray.eval_cpus, num_gpus=cfg.ray.eval_gpus,
+        name=actor_name(run_id), namespace=NAMESPACE, num_cpus=cfg.ray.eval_cpus, num_gpus=cfg.ray.eval_gpus,
         max_concurrency=4, max_restarts=3, max_task_retries=-1).remote(to_yaml(cfg), tracking_uri, run_id, faults)
     try:
         info = ray.get(actor.ready.remote())
@@ -235,21 +242,30 @@ def catch_up(actor: Any, root: str, every: int) -> None:
 
 def hand_over(name: str, root: str, step: int, due: bool) -> tuple[str, ...]:
     """Rank 0 after checkpoint ``step`` was reported: hand it over when ``due`` (fire and forget) and
-    return what rotation must spare; if the evaluator cannot be asked right now, everything is spared."""
-    actor = ray.get_actor(name, namespace=NAMESPACE)
-    found = [c for c in checkpoints.list_checkpoints(root, on_incomplete=lambda *_: None) if c.step == step]
-    if due and found:
-        actor.submit.remote(found[-1].location, step)
+    return what rotation must spare; if the evaluator cannot be asked right now (busy past 10 s, or gone
+    for good after ``max_restarts``), everything is spared and training goes on."""
+    stored = checkpoints.list_checkpoints(root, on_incomplete=lambda *_: None)
     try:
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        found = [c for c in stored if c.step == step]
+        if due and found:
+            actor.submit.remote(found[-1].location, step)
         return tuple(ray.get(actor.protected.remote(), timeout=10))
-    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-        return tuple(c.location for c in checkpoints.list_checkpoints(root, on_incomplete=lambda *_: None))
+    except (ValueError, ray.exceptions.RayError, ray.exceptions.GetTimeoutError):  # ValueError: no such actor
+        return tuple(c.location for c in stored)
 
 
 def finish(actor: Any, root: str) -> dict[str, Any]:
-    """Evaluate the run's final checkpoint and wait for it (the run is FINISHED only afterwards)."""
+    """Evaluate the run's final checkpoint and wait for it (the run is FINISHED only afterwards). An
+    evaluator that died for good does not fail the trained run: ``{"error": ...}`` says what happened."""
     newest = checkpoints.newest_checkpoint(root)
-    return ray.get(actor.finish.remote(newest.location, newest.step)) if newest else {}
+    try:
+        return ray.get(actor.finish.remote(newest.location, newest.step)) if newest else {}
+    except ray.exceptions.RayError as e:
+        cause = getattr(e, "cause", None) or e
+        message = str(cause).strip().splitlines()[-1][:500] if str(cause).strip() else type(cause).__name__
+        _log(f"the evaluator beside training failed; the trained run is kept: {message}")
+        return {"error": message}
 
 
 def stop(actor: Any) -> None:
@@ -258,4 +274,4 @@ def stop(actor: Any) -> None:
         ray.kill(actor)
 
 
-__all__ = ["TrainingEvaluator", "eval_every", "start", "catch_up", "hand_over", "finish", "stop", "check_fits"]
+__all__ = ["TrainingEvaluator", "actor_name", "eval_every", "start", "catch_up", "hand_over", "finish", "stop", "check_fits"]

@@ -86,7 +86,8 @@ def _check_same_run(cfg: ExperimentConfig, ckpt: checkpoints.StoredCheckpoint, s
         raise RunStateError(
             f"run '{cfg.name}' was trained with a different config: {shown}"
             + (f" and {len(refused) - 8} more" if len(refused) > 8 else "")
-            + f". Only run length, log/checkpoint cadence and Ray resources may change on resubmission; pass "
+            + f". Only run length, log / checkpoint / evaluation cadence, the evaluation settings (eval.*), "
+            "Ray resources and where files live may change on resubmission; pass "
             f"--fresh to start '{cfg.name}' over, or set a new name=...")
     return resumable
 

@@ -62,7 +62,7 @@ def test_smoke_rows_show_the_behaviour_they_measure(smoke):
     full = rows["ELF-B all_rows bs8"]
     assert full["flops_ratio"] > 1.2  # the official pattern runs passes A/B and the decode head on every row
     assert full["loss_rel_diff_vs_row_skipping"] <= 1e-6 and _num(full["row_skipping_speedup"])
-    for b in (4, 8):  # compiled: same losses, at most 3 graphs (tests/test_compile.py)
+    for b in (4, 8):  # compiled: same losses, at most 3 graphs (tests/core/test_compile.py)
         eager, comp = rows[f"ELF-B eager bs{b}"], rows[f"ELF-B compile bs{b}"]
         n = len(eager["losses"])
         assert comp["graphs"] <= 3 and comp["losses"][:n] == pytest.approx(eager["losses"], rel=1e-6)

@@ -344,7 +344,9 @@ def test_training_command_runs_here(where: str, args: list[str]) -> None:
 
 
 def _same(resolved: Any, given: str) -> bool:
-    """A resolved config value equals the override's text (numbers by value, else as text)."""
+    """A resolved config value equals the override's text (numbers by value, null as None, else as text)."""
+    if given.lower() in ("null", "none", "~"):
+        return resolved is None
     try:
         return float(resolved) == float(given)
     except (TypeError, ValueError):

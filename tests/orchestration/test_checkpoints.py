@@ -75,7 +75,7 @@ def test_newest_is_by_step_not_by_name(tmp_path):
     assert ck.newest_checkpoint(tmp_path / "missing") is None
 
 
-def test_rotation_keeps_newest_protected_and_the_current_attempt(tmp_path):
+def test_rotation_keeps_the_newest_and_the_protected_over_attempts(tmp_path):
     for step in (10, 20, 30, 40, 50):
         _save(checkpoint_path(tmp_path, step), step)
     removed = ck.rotate_checkpoints(tmp_path, keep=2, protect=[str(checkpoint_path(tmp_path, 10))])
@@ -86,11 +86,11 @@ def test_rotation_keeps_newest_protected_and_the_current_attempt(tmp_path):
     assert load_checkpoint(ck.newest_checkpoint(tmp_path).location).step == 50
     with pytest.raises(ValueError, match="keep must be >= 1"):
         ck.rotate_checkpoints(tmp_path, keep=0)
-    # Over attempts: keep-K counts every attempt; Ray rotates the running one itself, so it is left alone.
+    # Over attempts: keep-K counts every attempt (each submission is one).
     run = _run_tree(tmp_path / "over")
     _save(run / "attempt-3" / "checkpoint_h", 8)
     _save(run / "attempt-3" / "checkpoint_i", 9)
-    removed = ck.rotate_checkpoints(run, keep=2, current_attempt="attempt-3")
+    removed = ck.rotate_checkpoints(run, keep=2)
     assert [Path(r).name for r in removed] == ["checkpoint_a", "checkpoint_b", "checkpoint_c"]
     assert _steps(ck.list_checkpoints(run)) == [8, 9]
     assert sorted(p.name for p in run.iterdir()) == ["attempt-3"]  # attempts left empty are removed

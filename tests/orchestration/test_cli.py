@@ -110,10 +110,12 @@ def test_shared_flags_are_the_same_flags_everywhere(capsys):
     capsys.readouterr()
     for dest, variants in seen.items():
         if dest != "overrides":
-            assert len(variants) == 1, (dest, variants)  # one flag name, one default
+            # one name, one default (None as well only where a YAML's value stands for an unset flag)
+            assert len({v[0] for v in variants}) == 1 and len({v[1] for v in variants} - {None}) <= 1, (dest, variants)
     assert {"checkpoint", "task", "num_samples", "weights", "evaluator", "ray_address", "tracking_uri",
             "threads"} <= set(seen)
-    assert seen["evaluator"] == {(("--evaluator",), "auto")}
+    # None: the sweep / ablation YAML's own scoring setting stands unless the flag is given
+    assert seen["evaluator"] == {(("--evaluator",), "auto"), (("--evaluator",), None)}
 
 
 def test_exit_status_rule(capsys):
@@ -125,3 +127,17 @@ def test_exit_status_rule(capsys):
     with pytest.raises(ZeroDivisionError):  # anything unexpected is not swallowed: traceback, exit 1
         cli.run_main(lambda argv: 1 // 0, [])
     assert cli.run_main(lambda argv: (_ for _ in ()).throw(KeyboardInterrupt), []) == 130
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--worker-cpus", "-1"], "argument --worker-cpus: -1 is not > 0"),
+    (["--workers", "0"], "argument --workers: 0 is not >= 1"),
+    (["--worker-gpus", "two"], "argument --worker-gpus: 'two' is not a float"),
+])
+def test_numeric_flags_out_of_range_are_usage_errors(argv, message, capsys):
+    from pipelines import evaluate
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["evaluate", "--checkpoint", "x", *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""Sharded sampling over Ray workers (``pipelines/eval_shards.py``, ``evaluate.py --workers N``).
+"""Sharded sampling over Ray workers (``pipelines/evaluation/shards.py``, ``evaluate.py --workers N``).
 
 The property that matters: N workers produce exactly the samples (texts, ids, order) of one process
 for the same seed and sampling config, because every sampling batch has its own (seed, batch) seed.
@@ -50,7 +50,7 @@ def test_split_batches():
     assert split_batches(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
     assert split_batches(0, 2) == [range(0, 0), range(0, 0)]
     assert [k for r in split_batches(11, 4) for k in r] == list(range(11))
-    # (workers load the driver's *pinned* checkpoint: tests/test_checkpoints.py checks ResolvedCheckpoint.pinned)
+    # (workers load the driver's *pinned* checkpoint: tests/orchestration/test_checkpoints.py checks ResolvedCheckpoint.pinned)
 
 
 def test_cli_two_workers_equal_one_process(ray_local, ckpt, ev_dir, mlflow_uri, tmp_path):

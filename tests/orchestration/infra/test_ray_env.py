@@ -1,4 +1,4 @@
-"""Tests for pipelines.ray_env: env defaults, runtime_env merging, worker packing arithmetic, and — on
+"""Tests for pipelines.infra.ray_env: env defaults, runtime_env merging, worker packing arithmetic, and — on
 the session's real local Ray (integration) — loopback binding, worker env and the resource check."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""pipelines/storage.py: which checkpoint paths and MLflow stores a multi-node run may use.
+"""pipelines/infra/storage.py: which checkpoint paths and MLflow stores a multi-node run may use.
 
 Mount tables are written by hand (the /proc/mounts format), so every filesystem kind is covered on
 any machine; one test reads this machine's real /proc/mounts.

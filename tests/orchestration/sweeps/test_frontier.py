@@ -113,6 +113,18 @@ def test_shipped_spaces_and_space_errors(tmp_path):
         load_sweep_config(SWEEPS / "cpu_tiny.yaml", ["search.cpus_per_trial=0"])
     with pytest.raises(SweepError, match="a grid runs every point once"):
         load_sweep_config(SWEEPS / "cpu_tiny.yaml", ["search.trials=3"])
+    # Ranges (random / optuna): numbers, low <= high, both ends valid settings, log ranges above 0.
+    ok = tmp_path / "range.yaml"
+    ok.write_text("params: {gamma: {low: 0, high: 2.0}, steps: {low: 8, high: 64, type: int, log: true}}\n"
+                  "search: {kind: random, trials: 4}\n")
+    assert load_sweep_config(ok).params["steps"] == {"low": 8, "high": 64, "type": "int", "log": True}
+    for text, message in (("{gamma: {low: 2.0, high: 1.0}}", r"params\.gamma: a range needs numbers low <= high"),
+                          ("{gamma: {low: a, high: 1.0}}", r"params\.gamma: a range needs numbers"),
+                          ("{gamma: {low: -1.0, high: 1.0}}", r"sample\.gamma=-1\.0 is not in \[0, inf\)"),
+                          ("{steps: {low: 0, high: 8, log: true}}", r"params\.steps: a log range needs low > 0")):
+        bad.write_text(f"params: {text}\nsearch: {{kind: random, trials: 4}}\n")
+        with pytest.raises(SweepError, match=message):
+            load_sweep_config(bad)
 
 
 def test_a_collapsed_frontier_is_flagged():
@@ -378,6 +390,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
 
     with pytest.raises(SweepError, match="no sweep named 'nope'"):
         sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, resume=True, name="nope")
+    # A resume that would change what the trials measure is refused (pacing knobs may change).
+    with pytest.raises(SweepError, match="settings was '[0-9a-f]{16}', now '[0-9a-f]{16}'"):
+        sweep(mlflow_uri, tmp_path, str(tiny_checkpoint), space, factory, resume=True, fixed__num_samples=7)
 
 
 def test_optuna_nsga2_sweep(ray_local, mlflow_uri, tmp_path, tiny_checkpoint):

@@ -1,7 +1,8 @@
 """What a person sees in the MLflow UI, in a real headless Chromium with a real-time wait for the
 charts (scripts/check_ui.py): a training run logged as the pipeline logs it — the loss curves and the
 probe, named by pipelines.tracking.names — shows the loss chart on the first screen of its "Model
-metrics" tab, and the frontier PNG of the sweep nested under it loads on that sweep's artifact page.
+metrics" tab, the frontier PNG of the sweep nested under it loads on that sweep's artifact page, and
+the frontier-over-training plot loads from the run's own artifact page.
 
 Needs Debian's chromium (``apt-get install chromium``; .ci/run installs it). Without it the test is
 skipped — unless ``ELF_REQUIRE_BROWSER=1`` (CI), where a missing browser fails it."""
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sweeps.plot import FrontierSeries, plot_frontier
+from pipelines.sweeps.plot import FrontierSeries, plot_frontier, plot_over_training
 from pipelines.sweeps.settings import Objective
 from pipelines.tracking import names, runs
 from pipelines.tracking.metrics import log_metrics
@@ -53,6 +54,9 @@ def test_loss_chart_first_and_the_frontier_png_under_the_training_run(browser_av
     for step in (0, 30):
         log_metrics(client, train, names.probe_metrics({"loss": 3.5 if step == 0 else 1.6,
                                                         "clean_decode_acc": step / 37}), step=step)
+    over = plot_over_training([{"step": 10, "gen_ppl": 80.0, "entropy": 3.6}, {"step": 30, "gen_ppl": 40.0, "entropy": 3.3}],
+                              tmp_path / "frontier_over_training.png", threshold=3.0)
+    client.log_artifact(train, str(over), "eval")  # where the evaluator beside training puts it
     runs.finish_run(client, train, "FINISHED")
     sweep = runs.create_run(client, exp, "sweep", kind="frontier-sweep", parent_run_id=train)
     rows = [dict(status="FINISHED", sampler="sde", steps=8, gamma=g, sc_cfg=w, grid="uniform", gen_ppl=p, entropy=e,
@@ -64,10 +68,12 @@ def test_loss_chart_first_and_the_frontier_png_under_the_training_run(browser_av
     runs.finish_run(client, sweep, "FINISHED")
 
     report = _check_ui().run_checks(mlflow_uri, None, tmp_path / "shots")
+    print(report)
     assert report["training_run"] == train
     metrics = report["metrics"]
     assert "curves/loss" in metrics["charts_on_first_screen"], metrics
     assert metrics["loss_chart_points"] == 6 and metrics["ok"]  # the whole curve, drawn
     assert report["frontier"]["ok"] and report["frontier"]["image_size"] == [1100, 715]
-    for shot in ("model-metrics.png", "frontier.png"):
+    assert report["over_training"]["ok"] and report["over_training"]["image_size"] == [880, 605]
+    for shot in ("model-metrics.png", "frontier.png", "frontier_over_training.png"):
         assert (tmp_path / "shots" / shot).stat().st_size > 20_000
