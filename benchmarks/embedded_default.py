@@ -46,11 +46,18 @@ def run_one(label: str, code_dir: Path, overrides: list[str], log_dir: Path) -> 
     proc = subprocess.run(cmd, cwd=code_dir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (log_dir / f"{label}.log").write_text(proc.stdout + proc.stderr)
-    row = {"label": label, "code": str(code_dir), "overrides": overrides, "rc": proc.returncode, "wall_s": round(wall, 1)}
-    for key, pattern in PATTERNS.items():
-        found = re.findall(pattern, proc.stdout + proc.stderr)
-        row[key] = (found[-1] if key == "evaluated_at" else float(found[-1])) if found else None
+    row = {"label": label, "code": str(code_dir), "overrides": overrides, "rc": proc.returncode,
+           "wall_s": round(wall, 1), **parse(proc.stdout + proc.stderr)}
     print(f"[bench] {label}: rc {proc.returncode}, wall {wall:.1f} s, {row}", flush=True)
+    return row
+
+
+def parse(text: str) -> dict:
+    """The figures of the driver's end-of-run summary (None for a line it did not print)."""
+    row = {}
+    for key, pattern in PATTERNS.items():
+        found = re.findall(pattern, text)
+        row[key] = (found[-1] if key == "evaluated_at" else float(found[-1])) if found else None
     return row
 
 
@@ -83,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     if args.baseline:
-        rows.append(run_one(f"baseline {args.baseline}", baseline_tree(args.baseline), [], log_dir))
+        tree = baseline_tree(args.baseline)
+        try:
+            rows.append(run_one(f"baseline {args.baseline}", tree, [], log_dir))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
     rows.append(run_one("this checkout", ROOT, [], log_dir))
     for spec in args.variant:
         label, _, overrides = spec.partition("=")
