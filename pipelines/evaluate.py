@@ -48,7 +48,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     p.add_argument("--table-rows", type=int, default=50, help="samples shown in the MLflow table (default 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--workers", type=cli.at_least(1, int), default=1, help=(
+    p.add_argument("--workers", type=int, default=1, help=(
         "shard sample generation over N Ray workers (default 1: in this process, no Ray); the samples are identical "
         "to --workers 1 (per-batch seeds); scoring stays in this process"))
     p.add_argument("--worker-cpus", type=cli.at_least(0, float, open_low=True), default=1.0,

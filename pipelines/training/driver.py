@@ -37,7 +37,6 @@ from pipelines.training.eval_record import sampling_points
 from pipelines.training.run_model import RunPlan, finished_line, plan_run
 
 
-
 @dataclass
 class TrainOutcome:
     """What one submission did (the scaling ablation reads it)."""

@@ -213,8 +213,8 @@ def check_fits(cfg: ExperimentConfig, use_gpu: bool) -> None:
         raise ClusterTooSmall(
             f"the evaluator beside training asks for ray.eval_cpus={r.eval_cpus:g}, ray.eval_gpus={r.eval_gpus:g} on "
             f"top of the training workers ({need_cpu:g} CPUs, {need_gpu:g} GPUs in all) but the Ray cluster has "
-            f"{totals.get('CPU', 0):g} CPUs, {totals.get('GPU', 0):g} GPUs; lower them, add nodes, or unset "
-            "train.eval_every")
+            f"{totals.get('CPU', 0):g} CPUs, {totals.get('GPU', 0):g} GPUs; lower them, add nodes, or evaluate after "
+            "training instead (train.eval_every=null train.eval_every_epochs=null)")
 
 
 def start(cfg: ExperimentConfig, run_id: str, tracking_uri: str, use_gpu: bool, faults: Optional[dict] = None) -> Any:

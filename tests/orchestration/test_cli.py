@@ -131,7 +131,6 @@ def test_exit_status_rule(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--worker-cpus", "-1"], "argument --worker-cpus: -1 is not > 0"),
-    (["--workers", "0"], "argument --workers: 0 is not >= 1"),
     (["--worker-gpus", "two"], "argument --worker-gpus: 'two' is not a float"),
 ])
 def test_numeric_flags_out_of_range_are_usage_errors(argv, message, capsys):
