@@ -196,6 +196,14 @@ def eval_every(cfg: ExperimentConfig, steps_per_epoch: int) -> Optional[int]:
     return max(1, round(t.eval_every_epochs * steps_per_epoch / t.checkpoint_every)) * t.checkpoint_every
 
 
+def _last_line(error: BaseException) -> str:
+    """What went wrong inside the actor, in one line: the last line of the original exception that Ray
+    wrapped (its ``cause``), else the exception's type."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip()
+    return text.splitlines()[-1][:500] if text else type(cause).__name__
+
+
 def actor_name(run_id: str) -> str:
     """The evaluator's Ray actor name: rank 0 finds it by this name (``hand_over``)."""
     return f"elf-evaluator-{run_id}"
@@ -226,9 +234,8 @@ def start(cfg: ExperimentConfig, run_id: str, tracking_uri: str, use_gpu: bool, 
         info = ray.get(actor.ready.remote())
     except ray.exceptions.RayError as e:
         ray.kill(actor)
-        cause = getattr(e, "cause", None) or e
         raise ElfError(f"eval.evaluator='{cfg.eval.evaluator}': the evaluator beside training could not be loaded: "
-                       f"{str(cause).strip().splitlines()[-1][:500]}") from None
+                       f"{_last_line(e)}") from None
     _log(f"evaluator ready ({info['evaluator']}); already evaluated: {info['evaluated'] or 'none'}")
     return actor
 
@@ -262,8 +269,7 @@ def finish(actor: Any, root: str) -> dict[str, Any]:
     try:
         return ray.get(actor.finish.remote(newest.location, newest.step)) if newest else {}
     except ray.exceptions.RayError as e:
-        cause = getattr(e, "cause", None) or e
-        message = str(cause).strip().splitlines()[-1][:500] if str(cause).strip() else type(cause).__name__
+        message = _last_line(e)
         _log(f"the evaluator beside training failed; the trained run is kept: {message}")
         return {"error": message}
 
