@@ -4,12 +4,21 @@
     python benchmarks/step_profile.py --reps 9 --out profile.json
 
 Runs the real ``ELFTrainer.step`` of ``experiments/local_default.yaml`` (tiny ELF, MiniLM encoder,
-64 tokens, 16 rows per worker = global batch 32 over 2 workers, ``adam_params=[unembed_kernel]``)
-on the bundled corpus and times its parts through wrappers around the trainer's own calls:
-encoder forward, loss forward (passes A, B and the gradient pass, encoder excluded), backward,
-Muon + Adam, clipping + EMA, and the rest (noise draws, batching). Variants: latent cache off/on ×
-(16 rows, 1 thread), (16 rows, 2 threads) and (32 rows, 2 threads) — the last is one worker doing
-both workers' rows, the "1 worker × 2 threads" alternative to "2 workers × 1 thread".
+64 tokens, ``adam_params=[unembed_kernel]``) on the bundled corpus and times its parts through
+wrappers around the trainer's own calls: encoder forward, loss forward (passes A, B and the
+gradient pass, encoder excluded), backward, Muon + Adam, clipping + EMA, and the rest (noise
+draws, batching). Variants:
+
+* latent cache off/on × (16 rows, 1 thread), (16 rows, 2 threads) and (32 rows, 2 threads) — the
+  last is one worker doing both workers' rows, the "1 worker × 2 threads" alternative to
+  "2 workers × 1 thread";
+* at 32 rows, 2 threads, cache on (the embedded default's one worker): each CPU speed-up of the
+  worker turned off in turn — Adam on cache-sized slices (``elf_core.optim.ADAM_SLICE_ELEMENTS``)
+  and kept freed memory (``pipelines/infra/host_memory.py``), then both.
+
+Every other variant runs as the worker does, with both on. Kept memory is switched per variant
+in one process (``return_freed_memory`` restores glibc's thresholds), so its "off" variants
+still reuse heap blocks the others faulted in: its measured gain is a lower bound.
 
 Variants run interleaved (one step of each in turn, ``--reps`` rounds after ``--warmup``); every
 figure is the median over rounds and each ratio the median of per-round pairs (steps measured side
@@ -34,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import elf_core.optim as optim_module  # noqa: E402
 import elf_core.trainer as trainer_module  # noqa: E402
 from benchmarks.machine import cpu_model  # noqa: E402
 from elf_core.collate import Collator  # noqa: E402
@@ -43,10 +53,15 @@ from elf_core.encoder import FrozenEncoder  # noqa: E402
 from elf_core.latent_cache import build_latent_cache  # noqa: E402
 from elf_core.network import ELFNetwork  # noqa: E402
 from elf_core.trainer import ELFTrainer  # noqa: E402
+from pipelines.infra.host_memory import keep_freed_memory, return_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("encoder", "loss_forward", "backward", "optimizer", "clip_ema", "other", "total")
-VARIANTS = [(cache, rows, threads) for rows, threads in ((16, 1), (16, 2), (32, 2)) for cache in (False, True)]
+# (cache_latents, rows, threads, sliced Adam, kept memory)
+VARIANTS = [(cache, rows, threads, True, True) for rows, threads in ((16, 1), (16, 2), (32, 2)) for cache in (False, True)]
+VARIANTS += [(True, 32, 2, False, True), (True, 32, 2, True, False), (True, 32, 2, False, False)]
+WORKER = (True, 32, 2, True, True)
+ADAM_SLICES = optim_module.ADAM_SLICE_ELEMENTS
 
 
 class PartTimer:
@@ -114,7 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
         samples: dict[tuple, list[dict[str, float]]] = defaultdict(list)
         for rnd in range(args.warmup + args.reps):
             for v in VARIANTS:
-                use_cache, n_rows, threads = v
+                use_cache, n_rows, threads, sliced, kept = v
+                optim_module.ADAM_SLICE_ELEMENTS = ADAM_SLICES if sliced else 1 << 62
+                keep_freed_memory() if kept else return_freed_memory()
                 idx = [(rnd * n_rows + j) % len(rows) for j in range(n_rows)]
                 batch = collate([rows[i] for i in idx])
                 if use_cache:
@@ -135,13 +152,17 @@ def main(argv: list[str] | None = None) -> dict:
               "variants": []}
     for v in VARIANTS:
         med = {part: statistics.median(s.get(part, 0.0) for s in samples[v]) for part in PARTS}
-        result["variants"].append({"cache_latents": v[0], "rows": v[1], "threads": v[2], "seconds": med,
-                                   "steps_per_s": 1.0 / med["total"]})
+        result["variants"].append({"cache_latents": v[0], "rows": v[1], "threads": v[2], "sliced_adam": v[3],
+                                   "kept_memory": v[4], "seconds": med, "steps_per_s": 1.0 / med["total"]})
     # Per round, the two cache variants ran back to back: the median of those pairs' ratios.
-    result["ratios"] = {
-        f"cache speed-up ({n} rows, {t} thr)": statistics.median(
-            off["total"] / on["total"] for off, on in zip(samples[(False, n, t)], samples[(True, n, t)]))
-        for _, n, t in VARIANTS[::2]}
+    def ratio(slow: tuple, fast: tuple) -> float:
+        return statistics.median(a["total"] / b["total"] for a, b in zip(samples[slow], samples[fast]))
+
+    result["ratios"] = {f"cache speed-up ({n} rows, {t} thr)": ratio((False, n, t, True, True), (True, n, t, True, True))
+                        for _, n, t, _, _ in VARIANTS[:6:2]}
+    result["ratios"]["sliced Adam speed-up (worker step)"] = ratio((True, 32, 2, False, True), WORKER)
+    result["ratios"]["kept memory speed-up (worker step)"] = ratio((True, 32, 2, True, False), WORKER)
+    result["ratios"]["both (worker step)"] = ratio((True, 32, 2, False, False), WORKER)
     print(table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
@@ -149,13 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def table(result: dict) -> str:
-    head = "| cache | rows | threads | " + " | ".join(PARTS) + " | steps/s |"
+    head = "| cache | rows | threads | sliced Adam | kept memory | " + " | ".join(PARTS) + " | steps/s |"
     lines = [f"CPU: {result['cpu']}; torch {result['torch']}; median of {result['reps']} interleaved rounds (s)",
-             head, "|" + " --- |" * (len(PARTS) + 4)]
+             head, "|" + " --- |" * (len(PARTS) + 6)]
+    yes = {True: "on", False: "off"}
     for r in result["variants"]:
         cells = " | ".join(f"{r['seconds'][p]:.3f}" for p in PARTS)
-        lines.append(f"| {'on' if r['cache_latents'] else 'off'} | {r['rows']} | {r['threads']} | {cells} | "
-                     f"{r['steps_per_s']:.2f} |")
+        lines.append(f"| {yes[r['cache_latents']]} | {r['rows']} | {r['threads']} | {yes[r['sliced_adam']]} | "
+                     f"{yes[r['kept_memory']]} | {cells} | {r['steps_per_s']:.2f} |")
     lines += [f"{k}: {v:.2f}x" for k, v in result["ratios"].items()]
     return "\n".join(lines)
 

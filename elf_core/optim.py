@@ -235,6 +235,32 @@ def _foreach_nesterov(gs: list[torch.Tensor], ms: list[torch.Tensor], k: int, be
 # Largest stack of same-shape matrices orthogonalised in one batched call (elements, fp32: 512 MiB).
 NS_BATCH_ELEMENTS = 1 << 27
 
+# Adam's update is a chain of ~10 elementwise passes over g, m, v, p and three temporaries. Over a
+# large tensor (the CPU default puts the 384 × 30,522 unembedding, 45 MB an array, in Adam) every
+# pass streams from main memory; run on one slice of this many elements at a time, the whole chain
+# stays in cache. Elementwise ops give the same bits however the tensor is sliced (pinned by
+# tests/core/test_optim.py::test_sliced_adam_is_bit_identical_to_the_per_parameter_loop). CPU
+# tensors only: on CUDA each slice would be a kernel launch, and the passes run at HBM speed.
+ADAM_SLICE_ELEMENTS = 1 << 17
+
+
+def _adam_slices(ps: list[torch.Tensor], gs: list[torch.Tensor], ms: list[torch.Tensor], vs: list[torch.Tensor],
+                 size: int) -> Iterable[tuple[list[torch.Tensor], ...]]:
+    """(ps, gs, ms, vs) work lists: every tensor of at most ``size`` elements in one list, and each
+    larger one (contiguous, on the CPU, not sharded) as flat slices of ``size``, one at a time.
+    Slices are views: in-place updates of p, m and v land in the parameters and the state."""
+    small, large = [], []
+    for i, p in enumerate(ps):
+        sliceable = p.device.type == "cpu" and not is_dtensor(p) and all(
+            t.is_contiguous() for t in (p, gs[i], ms[i], vs[i]))
+        (large if p.numel() > size and sliceable else small).append(i)
+    if small:
+        yield tuple([ts[i] for i in small] for ts in (ps, gs, ms, vs))
+    for i in large:
+        flat = [t.view(-1) for t in (ps[i], gs[i], ms[i], vs[i])]
+        for start in range(0, flat[0].numel(), size):
+            yield tuple([t[start:start + size]] for t in flat)
+
 
 class MuonAdam(torch.optim.Optimizer):
     """Muon (groups with ``algo='muon'``) and Nesterov-Adam (``algo='adam'``) behind one ``step()``.
@@ -247,7 +273,8 @@ class MuonAdam(torch.optim.Optimizer):
 
     Speed: the elementwise parts (momenta, Nesterov blend, all of Adam) run as ``torch._foreach_*``
     ops over all parameters at once — the same ops per tensor as a loop, so the same bits on CPU
-    (on CUDA they are multi-tensor kernels). ``batch_newton_schulz`` orthogonalises same-shape Muon
+    (on CUDA they are multi-tensor kernels); Adam runs its chain on cache-sized slices of large
+    tensors (:data:`ADAM_SLICE_ELEMENTS`). ``batch_newton_schulz`` orthogonalises same-shape Muon
     matrices as one (k, m, n) stack with batched matmuls (:func:`newton_schulz5`); default (None):
     on for CUDA parameters, off on CPU, where it measured no faster for the tiny model and is not
     bit-identical for tiny matrices.
@@ -327,18 +354,19 @@ class MuonAdam(torch.optim.Optimizer):
         (b1, b2), eps, lr = group["betas"], group["eps"], group["lr"]
         ks = [self._state(p, "exp_avg", "exp_avg_sq")["step"] for p in params]
         for k, idx in _bucket(params, lambda i: ks[i]).items():
-            ps = [params[i] for i in idx]
-            gs = [self._grad(p) for p in ps]
-            ms = [self.state[p]["exp_avg"] for p in ps]
-            vs = [self.state[p]["exp_avg_sq"] for p in ps]
-            torch._foreach_lerp_(ms, gs, 1.0 - b1)
-            torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - b2)  # g² (square is g·g)
-            m_hat = _foreach_nesterov(gs, ms, k, b1)
-            v_hat = torch._foreach_div(vs, 1.0 - b2 ** k)
-            torch._foreach_sqrt_(v_hat)
-            torch._foreach_add_(v_hat, eps)
-            torch._foreach_div_(m_hat, v_hat)
-            torch._foreach_add_(ps, m_hat, alpha=-lr)
+            every = [params[i] for i in idx]
+            grads = [self._grad(p) for p in every]
+            exp_avgs = [self.state[p]["exp_avg"] for p in every]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in every]
+            for ps, gs, ms, vs in _adam_slices(every, grads, exp_avgs, exp_avg_sqs, ADAM_SLICE_ELEMENTS):
+                torch._foreach_lerp_(ms, gs, 1.0 - b1)
+                torch._foreach_lerp_(vs, torch._foreach_mul(gs, gs), 1.0 - b2)  # g² (square is g·g)
+                m_hat = _foreach_nesterov(gs, ms, k, b1)
+                v_hat = torch._foreach_div(vs, 1.0 - b2 ** k)
+                torch._foreach_sqrt_(v_hat)
+                torch._foreach_add_(v_hat, eps)
+                torch._foreach_div_(m_hat, v_hat)
+                torch._foreach_add_(ps, m_hat, alpha=-lr)
 
     # -- step --------------------------------------------------------------------------------
     @torch.no_grad()

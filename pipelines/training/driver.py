@@ -27,6 +27,7 @@ from elf_core.errors import ElfError
 from elf_core.schedule import total_steps
 from pipelines import checkpoints
 from pipelines.infra import filesystems as fsx
+from pipelines.infra.host_memory import cpu_worker_env
 from pipelines.infra.ray_env import check_cluster_fits, init_ray
 from pipelines.infra.storage import check_storage_for_cluster, nodes_for_run
 from pipelines.tracking import names, registry, runs
@@ -122,7 +123,9 @@ def fit(cfg: ExperimentConfig, plan: RunPlan, run_id: str, tracking_uri: str, us
             # ELF Lab rotates every attempt itself (keep-K over the whole run, sparing checkpoints being
             # evaluated); Ray's own num_to_keep would delete them behind the evaluator's back.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)))
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # CPU workers keep freed host memory: no page faults on every step (pipelines/infra/host_memory.py)
+            worker_runtime_env={} if use_gpu else {"env_vars": cpu_worker_env()}))
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -289,7 +289,9 @@ def test_killed_worker_node_resumes_from_checkpoint(two_nodes: TwoNodeCluster, m
     env.update(MLFLOW_TRACKING_URI=mlflow_server, ELF_SHARED_STORAGE="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "pipelines/train.py", "--config", "experiments/local_default.yaml", f"name={name}",
            f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CKPT_EVERY}", f"train.log_every={CKPT_EVERY}",
-           "train.global_batch_size=8", "ray.num_workers=2", f"ray.cpus_per_worker={CPUS_PER_NODE}",
+           # 4 documents (~270 rows): each node's first worker builds the latent cache, and the
+           # whole corpus would take both of them over a minute on 2 shared cores.
+           "data.max_rows=4", "train.global_batch_size=8", "ray.num_workers=2", f"ray.cpus_per_worker={CPUS_PER_NODE}",
            "ray.max_failures=2",
            "tracking.log_samples=0", f"tracking.experiment={experiment}",
            f"ray.storage_path={shared / 'ray'}", f"train.output_dir={shared / 'out'}"]
