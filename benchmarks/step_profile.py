@@ -16,9 +16,12 @@ draws, batching). Variants:
   worker turned off in turn — Adam on cache-sized slices (``elf_core.optim.ADAM_SLICE_ELEMENTS``)
   and kept freed memory (``pipelines/infra/host_memory.py``), then both.
 
-Every other variant runs as the worker does, with both on. Kept memory is switched per variant
-in one process (``return_freed_memory`` restores glibc's thresholds), so its "off" variants
-still reuse heap blocks the others faulted in: its measured gain is a lower bound.
+Every other variant runs as the worker does, with both on. Kept memory is switched per variant in
+one process with ``mallopt`` (steps run in the main thread; the worker trains in a thread, which
+needs the environment of ``host_memory.KEPT_MEMORY_ENV`` instead). Its "off" variants are an
+approximation of a process that never set it: they still reuse heap blocks the others faulted in,
+and glibc's adaptive mmap threshold cannot be restored — the end-to-end figure is
+``benchmarks/embedded_default.py``'s.
 
 Variants run interleaved (one step of each in turn, ``--reps`` rounds after ``--warmup``); every
 figure is the median over rounds and each ratio the median of per-round pairs (steps measured side
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         med = {part: statistics.median(s.get(part, 0.0) for s in samples[v]) for part in PARTS}
         result["variants"].append({"cache_latents": v[0], "rows": v[1], "threads": v[2], "sliced_adam": v[3],
                                    "kept_memory": v[4], "seconds": med, "steps_per_s": 1.0 / med["total"]})
-    # Per round, the two cache variants ran back to back: the median of those pairs' ratios.
+    # Every round runs each variant once: a ratio is the median over rounds of that round's pair.
     def ratio(slow: tuple, fast: tuple) -> float:
         return statistics.median(a["total"] / b["total"] for a, b in zip(samples[slow], samples[fast]))
 

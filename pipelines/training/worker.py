@@ -10,7 +10,6 @@ times (it is a barrier), rank 0 attaching checkpoints and then rotating the run'
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from typing import Any
@@ -30,7 +29,7 @@ from elf_core.probe import QualityProbe
 from elf_core.schedule import total_steps
 from pipelines import checkpoints
 from pipelines.infra.filesystems import redact
-from pipelines.infra.host_memory import KEPT_MEMORY_ENV
+from pipelines.infra.host_memory import keeps_freed_memory
 from pipelines.infra.progress import Progress
 from pipelines.tracking import names
 from pipelines.tracking.metrics import MetricsLogger
@@ -154,8 +153,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> dict[str, Any]:
         logger = MetricsLogger(loop_cfg["run_id"], loop_cfg["tracking_uri"])
         probe = QualityProbe(cfg, state.encoder, state.probe_rows, state.collate, device)
         progress = Progress(total=n_steps, start=trainer.step_count, tag="[elf]", every_s=0)
-        kept = all(os.environ.get(k) == v for k, v in KEPT_MEMORY_ENV.items())  # set by the driver on CPU
-        print(f"[elf] rank 0 of {world} on {device}{' (freed host memory kept)' if kept else ''}: "
+        kept = " (freed host memory kept)" if keeps_freed_memory() else ""  # the driver's env on CPU
+        print(f"[elf] rank 0 of {world} on {device}{kept}: "
               f"{count_parameters(trainer.net):,} params, {len(state.rows):,} rows, {state.order.steps_per_epoch} "
               f"steps/epoch, {n_steps} steps"
               + (f"; resumed at step {trainer.step_count} from {resumed_from}" if resumed_from else ""), flush=True)

@@ -107,8 +107,8 @@ def test_ray_job_submit_trains_and_logs(head, tmp_path):
 def test_killed_driver_resumes_when_resubmitted(head, tmp_path):
     address, env, _ = head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    steps = 40  # long enough that it cannot finish while `ray job stop` takes effect (~0.75 s/step here;
-    #             measured: the stop landed at step 6, 2 steps after the step-4 checkpoint)
+    steps = 60  # long enough that it cannot finish while `ray job stop` takes effect (measured: the stop
+    #             landed at step 6, 2 steps after the step-4 checkpoint; 54 steps of margin)
     args = FAST + ["name=killed", f"train.max_steps={steps}", "train.checkpoint_every=2", f"tracking.uri={uri}",
                    f"ray.storage_path={tmp_path / 'ray'}", f"data.cache_dir={tmp_path / 'cache'}",
                    f"train.output_dir={tmp_path / 'out'}"]

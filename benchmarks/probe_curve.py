@@ -1,0 +1,55 @@
+"""The held-out probe of every checkpoint a training run kept: loss and clean-decode accuracy by step.
+
+    python pipelines/train.py name=lr4e3 optim.lr=4e-3 train.max_steps=280 \\
+        train.checkpoint_every=20 train.keep_checkpoints=20
+    python benchmarks/probe_curve.py outputs/ray/lr4e3
+
+The probe is the one the driver's summary prints (``elf_core.probe.QualityProbe``, raw weights,
+the run's own held-out rows and fixed noise), so the last row equals the summary's "held-out" line.
+The lr schedule is warmup then constant, so a run's checkpoint at step k holds the weights a run of
+``train.max_steps=k`` ends with: one run gives the whole curve. Needs torch and transformers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from elf_core.checkpoint import load_checkpoint  # noqa: E402
+from elf_core.collate import Collator  # noqa: E402
+from elf_core.data import training_rows  # noqa: E402
+from elf_core.encoder import FrozenEncoder  # noqa: E402
+from elf_core.probe import QualityProbe  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> list[tuple[int, float, float]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="the run's storage directory (<ray.storage_path>/<name>: its attempt-*/ folders)")
+    args = p.parse_args(argv)
+    dirs = sorted(d for d in Path(args.run_dir).glob("attempt-*/checkpoint_*") if d.is_dir())
+    if not dirs:
+        raise SystemExit(f"{args.run_dir}: no attempt-*/checkpoint_* directories")
+    probe, rows = None, []
+    for d in dirs:
+        loaded = load_checkpoint(d)
+        if probe is None:
+            cfg = loaded.config
+            encoder = FrozenEncoder.from_config(cfg.encoder)
+            _, held_out = training_rows(cfg, encoder.tokenizer)
+            probe = QualityProbe(cfg, encoder, held_out, Collator.from_config(cfg.data, encoder.eos_id, encoder.pad_id),
+                                 torch.device("cpu"))
+        m = probe.measure(loaded.model)
+        rows.append((loaded.step, m["loss"], m["clean_decode_acc"]))
+    print("| step | held-out loss | clean decode |\n| ---: | ---: | ---: |")
+    for step, loss, acc in sorted(rows):
+        print(f"| {step} | {loss:.4f} | {acc:.4f} |")
+    return sorted(rows)
+
+
+if __name__ == "__main__":
+    main()

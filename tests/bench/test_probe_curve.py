@@ -1,0 +1,45 @@
+"""``benchmarks/probe_curve.py``: one row per kept checkpoint, in step order, each the probe the
+driver's summary would print for those weights (same held-out rows, same fixed noise)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import probe_curve  # noqa: E402
+
+from elf_core.checkpoint import save_checkpoint  # noqa: E402
+from elf_core.collate import Collator  # noqa: E402
+from elf_core.config import load_config  # noqa: E402
+from elf_core.data import training_rows  # noqa: E402
+from elf_core.encoder import FrozenEncoder  # noqa: E402
+from elf_core.network import ELFNetwork  # noqa: E402
+from elf_core.probe import QualityProbe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_checkpoint_is_probed_in_step_order(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "local_default.yaml",
+                      ["data.max_rows=4", "data.max_length=16", f"data.cache_dir={tmp_path / 'cache'}"])
+    nets = {}
+    for attempt, step, seed in (("attempt-2", 7, 1), ("attempt-1", 3, 0)):  # listed out of step order
+        torch.manual_seed(seed)
+        nets[step] = ELFNetwork(cfg.model, 384, 30522)
+        save_checkpoint(tmp_path / "run" / attempt / f"checkpoint_{step:08d}", model=nets[step], config=cfg, step=step)
+    (tmp_path / "run" / "attempt-1" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's file: skipped
+
+    rows = probe_curve.main([str(tmp_path / "run")])
+
+    encoder = FrozenEncoder.from_config(cfg.encoder)
+    _, held_out = training_rows(cfg, encoder.tokenizer)
+    probe = QualityProbe(cfg, encoder, held_out, Collator.from_config(cfg.data, encoder.eos_id, encoder.pad_id),
+                         torch.device("cpu"))
+    assert [r[0] for r in rows] == [3, 7]
+    for step, loss, acc in rows:
+        want = probe.measure(nets[step])
+        assert (loss, acc) == (want["loss"], want["clean_decode_acc"])
+    assert rows[0][1] != rows[1][1]  # different weights, different numbers
