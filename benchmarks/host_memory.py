@@ -6,9 +6,10 @@
 Each child process runs the real ``ELFTrainer.step`` of ``experiments/local_default.yaml`` (32 rows,
 2 threads, latent cache on: the embedded default's one worker) in a thread, as Ray Train runs the
 training function, and reports per step, after 3 warm-up steps: wall seconds, user and kernel CPU
-seconds, minor page faults; and its peak resident memory. One child starts with
+seconds, minor page faults; and its peak resident memory over those steps. One child starts with
 ``pipelines.infra.host_memory.KEPT_MEMORY_ENV`` (what the driver gives CPU training workers), the
-other with none of those variables; children alternate, ``--rounds`` pairs. Prints a markdown table
+other with none of those variables; ``--rounds`` pairs, the first of each pair alternating, after
+the parent has cached the tokens and latents. Prints a markdown table
 (medians over rounds) and the CPU model. Needs torch, transformers and the offline MiniLM package.
 """
 
@@ -36,6 +37,18 @@ FIELDS = ("wall_s", "user_s", "kernel_s", "minor_faults", "peak_rss_gb")
 WARMUP = 3
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: writing 5 to clear_refs resets VmHWM), so the peak
+    is the steps', not start-up's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def child(steps: int, cache_dir: str) -> dict:
     """Steps in a thread of this process; the per-step means (and peak RSS) as a dict."""
     import torch
@@ -54,6 +67,7 @@ def child(steps: int, cache_dir: str) -> dict:
     def train() -> None:
         for r in range(WARMUP + steps):
             if r == WARMUP:
+                _reset_peak_rss()
                 t0, u0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             idx = [(r * 32 + j) % len(rows) for j in range(32)]
             batch = collate([rows[i] for i in idx])
@@ -62,7 +76,7 @@ def child(steps: int, cache_dir: str) -> dict:
         u1 = resource.getrusage(resource.RUSAGE_SELF)
         out.update(wall_s=(time.perf_counter() - t0) / steps, user_s=(u1.ru_utime - u0.ru_utime) / steps,
                    kernel_s=(u1.ru_stime - u0.ru_stime) / steps, minor_faults=(u1.ru_minflt - u0.ru_minflt) / steps,
-                   peak_rss_gb=u1.ru_maxrss * 1024 / 1e9)
+                   peak_rss_gb=_peak_rss_bytes() / 1e9)
 
     thread = threading.Thread(target=train)
     thread.start()
@@ -75,7 +89,9 @@ def _run_child(kept: bool, steps: int, cache_dir: str) -> dict:
     if kept:
         env.update(KEPT_MEMORY_ENV)
     proc = subprocess.run([sys.executable, __file__, "--child", "--steps", str(steps), "--cache-dir", cache_dir],
-                          env=env, capture_output=True, text=True, check=True)
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"a child (kept={kept}) failed with exit {proc.returncode}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -92,9 +108,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     with tempfile.TemporaryDirectory(prefix="elf-host-memory-") as tmp:
         cache_dir = args.cache_dir or tmp
+        from benchmarks.step_profile import build
+
+        build(argparse.Namespace(cache_dir=cache_dir))  # tokens and latents cached before any child runs
         samples: dict[bool, list[dict]] = {True: [], False: []}
-        for _ in range(args.rounds):
-            for kept in (True, False):
+        for rnd in range(args.rounds):
+            for kept in ((True, False) if rnd % 2 == 0 else (False, True)):  # alternate who goes first
                 samples[kept].append(_run_child(kept, args.steps, cache_dir))
     rows = {("kept" if kept else "glibc default"): {f: statistics.median(s[f] for s in runs) for f in FIELDS}
             for kept, runs in samples.items()}

@@ -237,9 +237,11 @@ NS_BATCH_ELEMENTS = 1 << 27
 
 # Adam's update is a chain of ~10 elementwise passes over g, m, v, p and three temporaries. Over a
 # large tensor (the CPU default puts the 384 × 30,522 unembedding, 45 MB an array, in Adam) every
-# pass streams from main memory; run on one slice of this many elements at a time (7 arrays of
-# 512 KiB), the whole chain stays in the L3 cache. Measured on the default's unembedding, 2 threads,
-# 2-core AMD EPYC: 38 ms against 112 ms unsliced for the Adam group, under glibc's default malloc. Elementwise ops give the same bits however the tensor is sliced (pinned by
+# pass streams from main memory; run on one slice of this many elements at a time (7 arrays of 512
+# KiB), the whole chain stays in the L3 cache. `python benchmarks/step_profile.py`, 2-core AMD EPYC:
+# the step's optimizer part 0.086 s sliced against 0.147 s unsliced under glibc's default malloc;
+# the same either way once the worker keeps freed memory (pipelines/infra/host_memory.py).
+# Elementwise ops give the same bits however the tensor is sliced (pinned by
 # tests/core/test_optim.py::test_sliced_adam_is_bit_identical_to_the_per_parameter_loop). CPU
 # tensors only: on CUDA each slice would be a kernel launch, and the passes run at HBM speed.
 ADAM_SLICE_ELEMENTS = 1 << 17
