@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_model  # noqa: E402
+from benchmarks.step_profile import build, round_batch  # noqa: E402
 from pipelines.infra.host_memory import KEPT_MEMORY_ENV  # noqa: E402
 
 FIELDS = ("wall_s", "user_s", "kernel_s", "minor_faults", "peak_rss_gb")
@@ -53,7 +54,6 @@ def child(steps: int, cache_dir: str) -> dict:
     """Steps in a thread of this process; the per-step means (and peak RSS) as a dict."""
     import torch
 
-    from benchmarks.step_profile import build
     from elf_core.network import ELFNetwork
     from elf_core.trainer import ELFTrainer
 
@@ -69,10 +69,7 @@ def child(steps: int, cache_dir: str) -> dict:
             if r == WARMUP:
                 _reset_peak_rss()
                 t0, u0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            idx = [(r * 32 + j) % len(rows) for j in range(32)]
-            batch = collate([rows[i] for i in idx])
-            batch["latents"] = cache.rows(idx)
-            trainer.step(batch)
+            trainer.step(round_batch(rows, collate, cache, r, 32))
         u1 = resource.getrusage(resource.RUSAGE_SELF)
         out.update(wall_s=(time.perf_counter() - t0) / steps, user_s=(u1.ru_utime - u0.ru_utime) / steps,
                    kernel_s=(u1.ru_stime - u0.ru_stime) / steps, minor_faults=(u1.ru_minflt - u0.ru_minflt) / steps,
@@ -108,8 +105,6 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     with tempfile.TemporaryDirectory(prefix="elf-host-memory-") as tmp:
         cache_dir = args.cache_dir or tmp
-        from benchmarks.step_profile import build
-
         build(argparse.Namespace(cache_dir=cache_dir))  # tokens and latents cached before any child runs
         samples: dict[bool, list[dict]] = {True: [], False: []}
         for rnd in range(args.rounds):

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> list[tuple[int, float, float]]:
         m = probe.measure(loaded.model)
         rows.append((loaded.step, m["loss"], m["clean_decode_acc"]))
     print("| step | held-out loss | clean decode |\n| ---: | ---: | ---: |")
-    for step, loss, acc in sorted(rows):
+    for step, loss, acc in rows:  # list_checkpoints gives them in step order
         print(f"| {step} | {loss:.4f} | {acc:.4f} |")
-    return sorted(rows)
+    return rows
 
 
 if __name__ == "__main__":
