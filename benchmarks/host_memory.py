@@ -5,7 +5,7 @@
 
 Each child process runs the real ``ELFTrainer.step`` of ``experiments/local_default.yaml`` (32 rows,
 2 threads, latent cache on: the embedded default's one worker) in a thread, as Ray Train runs the
-training function, and reports per step, after 3 warm-up steps: wall seconds, user and kernel CPU
+training function (built in that thread too, as the worker does), and reports per step, after 3 warm-up steps: wall seconds, user and kernel CPU
 seconds, minor page faults; and its peak resident memory over those steps. One child starts with
 ``pipelines.infra.host_memory.KEPT_MEMORY_ENV`` (what the driver gives CPU training workers), the
 other with none of those variables; ``--rounds`` pairs, the first of each pair alternating, after
@@ -57,14 +57,18 @@ def child(steps: int, cache_dir: str) -> dict:
     from elf_core.network import ELFNetwork
     from elf_core.trainer import ELFTrainer
 
-    cfg, encoder, rows, collate, cache = build(argparse.Namespace(cache_dir=cache_dir))
-    torch.set_num_threads(2)
-    torch.manual_seed(cfg.train.seed)
-    trainer = ELFTrainer(cfg, ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size), encoder,
-                         device=torch.device("cpu"), steps_per_epoch=100)
     out: dict = {}
 
     def train() -> None:
+        # Everything in this one thread, as in a Ray Train worker: had the main thread run a 2-thread
+        # OpenMP region first, the process would hold two OpenMP teams (4 threads on 2 CPUs) and
+        # libgomp would throttle its spin-waiting, making every mid-sized elementwise op ~2x slower
+        # (an earlier version of this script built the trainer in the main thread and measured that).
+        cfg, encoder, rows, collate, cache = build(argparse.Namespace(cache_dir=cache_dir))
+        torch.set_num_threads(2)
+        torch.manual_seed(cfg.train.seed)
+        trainer = ELFTrainer(cfg, ELFNetwork(cfg.model, encoder.dim, encoder.vocab_size), encoder,
+                             device=torch.device("cpu"), steps_per_epoch=100)
         for r in range(WARMUP + steps):
             if r == WARMUP:
                 _reset_peak_rss()

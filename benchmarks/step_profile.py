@@ -26,7 +26,9 @@ and glibc's adaptive mmap threshold cannot be restored — the end-to-end figure
 Variants run interleaved (one step of each in turn, ``--reps`` rounds after ``--warmup``); every
 figure is the median over rounds and each ratio the median of per-round pairs (steps measured side
 by side). Prints a markdown table and the CPU model; ``--out`` writes the same as JSON. Needs torch, transformers and the
-offline MiniLM package, not Ray or MLflow.
+offline MiniLM package, not Ray or MLflow. Under the Zen 1 stand-in (``benchmarks/machine.py``),
+prefix the command with its variables: ``MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+ATEN_CPU_CAPABILITY=avx2 python benchmarks/step_profile.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import elf_core.optim as optim_module  # noqa: E402
 import elf_core.trainer as trainer_module  # noqa: E402
-from benchmarks.machine import cpu_model  # noqa: E402
+from benchmarks.machine import cpu_model, isa_limits  # noqa: E402
 from elf_core.collate import Collator  # noqa: E402
 from elf_core.config import load_config  # noqa: E402
 from elf_core.data import build_dataset  # noqa: E402
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                     parts["other"] = total - sum(parts.values())
                     parts["total"] = total
                     samples[v].append(parts)
-    result = {"cpu": cpu_model(), "torch": torch.__version__, "reps": args.reps,
+    result = {"cpu": cpu_model(), "isa_limits": isa_limits(), "torch": torch.__version__, "reps": args.reps,
               "command": "python benchmarks/step_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "variants": []}
     for v in VARIANTS:
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def table(result: dict) -> str:
     head = "| cache | rows | threads | sliced Adam | kept memory | " + " | ".join(PARTS) + " | steps/s |"
-    lines = [f"CPU: {result['cpu']}; torch {result['torch']}; median of {result['reps']} interleaved rounds (s)",
+    lines = [f"CPU: {result['cpu']} (ISA limits: {result.get('isa_limits') or 'none'}); torch {result['torch']}; "
+             f"median of {result['reps']} interleaved rounds (s)",
              head, "|" + " --- |" * (len(PARTS) + 6)]
     yes = {True: "on", False: "off"}
     for r in result["variants"]:

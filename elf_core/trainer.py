@@ -11,7 +11,9 @@ host↔device synchronisation (the branch coins are drawn on the host, FLOPs are
 them, the metrics stay on the device). ``StepMetrics.materialize()`` is the one sync — and, when
 ``torch.distributed`` is initialised, an all-reduce that **every rank must call at the same
 steps** (e.g. every ``train.log_every`` steps). ``step(batch)`` (``sync=True``) is
-``step(batch, sync=False).materialize()``.
+``step(batch, sync=False).materialize()``. A caller that will not read a step's metrics passes
+``metrics=False``, which skips the decode-accuracy argmax (the only costly metric); such a step
+cannot be materialised.
 
 **Cached latents.** A batch may carry ``"latents"`` (B, S, D), the frozen encoder's outputs from
 :mod:`elf_core.latent_cache`; the encoder then runs only on label-dropped rows.
@@ -76,6 +78,7 @@ class StepMetrics:
     lr: float
     flops: Optional[float]  # this rank's executed FLOPs (host-counted), None without model_flops
     _interval: _Interval = field(repr=False)
+    complete: bool = True  # False: taken with step(metrics=False), decode_acc was not computed
     _values: Optional[dict[str, float]] = field(default=None, repr=False)
 
     def materialize(self) -> dict[str, float]:
@@ -88,6 +91,8 @@ class StepMetrics:
         """
         if self._values is not None:
             return self._values
+        if not self.complete:
+            raise ValueError("this step was taken with ELFTrainer.step(metrics=False): its metrics were not computed")
         names = sorted(self.sums)
         vec = torch.stack([self.sums[k].to(torch.float64) for k in names])
         n = 1
@@ -154,17 +159,22 @@ class ELFTrainer:
         return {}
 
     @overload
-    def step(self, batch: dict[str, torch.Tensor], *, sync: Literal[True] = ...) -> dict[str, float]: ...
+    def step(self, batch: dict[str, torch.Tensor], *, sync: Literal[True] = ..., metrics: bool = ...
+             ) -> dict[str, float]: ...
 
     @overload
-    def step(self, batch: dict[str, torch.Tensor], *, sync: Literal[False]) -> StepMetrics: ...
+    def step(self, batch: dict[str, torch.Tensor], *, sync: Literal[False], metrics: bool = ...) -> StepMetrics: ...
 
-    def step(self, batch: dict[str, torch.Tensor], *, sync: bool = True) -> dict[str, float] | StepMetrics:
-        """One optimizer step on this rank's share of the global batch (module docstring: ``sync``).
+    def step(self, batch: dict[str, torch.Tensor], *, sync: bool = True,
+             metrics: bool = True) -> dict[str, float] | StepMetrics:
+        """One optimizer step on this rank's share of the global batch (module docstring: ``sync``,
+        ``metrics``).
 
         ``batch``: the collated tensors (``input_ids``, ``encoder_mask``, ``cond_mask``,
         ``loss_mask``, optionally ``latents``); other entries (raw strings) are ignored.
         """
+        if sync and not metrics:
+            raise ValueError("ELFTrainer.step(sync=True, metrics=False): a synced step returns its metrics")
         t0 = time.perf_counter()
         self._interval.begin(t0)
         self.model.train()
@@ -183,7 +193,7 @@ class ELFTrainer:
             if self.coin_gen is not self.noise_gen:
                 self.coin_gen.manual_seed(seed)
             with set_gradient_sync(self.model, sync=i == accum - 1):  # reduce grads on the last only
-                out, micro_flops = self._micro_step(micro)
+                out, micro_flops = self._micro_step(micro, accuracy=metrics)
                 (out.loss / accum).backward()
             flops += micro_flops
             weights = dict(_WEIGHTED)
@@ -195,11 +205,11 @@ class ELFTrainer:
         self.ema.update(self.net)
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        metrics = StepMetrics(sums, accum, grad_norm, self.optimizer.param_groups[0]["lr"],
-                              flops if self.model_flops is not None else None, self._interval)
-        return metrics.materialize() if sync else metrics
+        result = StepMetrics(sums, accum, grad_norm, self.optimizer.param_groups[0]["lr"],
+                             flops if self.model_flops is not None else None, self._interval, complete=metrics)
+        return result.materialize() if sync else result
 
-    def _micro_step(self, batch: dict[str, torch.Tensor]):
+    def _micro_step(self, batch: dict[str, torch.Tensor], accuracy: bool = True):
         """(flow output, FLOPs executed) for one micro-batch; FLOPs come from the host-side coins."""
         ids = batch["input_ids"]
         shape = (ids.shape[0], ids.shape[1], self.net.latent_dim)
@@ -217,5 +227,6 @@ class ELFTrainer:
                 flops -= (shape[0] - int(drop.sum())) * self.model_flops.encoder_forward
         x0 = encode_for_step(self.encoder, batch, noise)
         out = flow_loss(self.model, x0, ids, batch["cond_mask"], batch["loss_mask"], noise, self.cfg.flow,
-                        bf16=self.cfg.train.bf16, all_rows=self.all_rows, dynamic_rows=self.cfg.train.compile)
+                        bf16=self.cfg.train.bf16, all_rows=self.all_rows, dynamic_rows=self.cfg.train.compile,
+                        accuracy=accuracy)
         return out, flops

@@ -3,11 +3,11 @@
 Why this exists: glibc's malloc serves large allocations with a fresh ``mmap`` and hands them back
 to the kernel on ``free``. The embedded default's decode head makes several (decode tokens × 30,522)
 fp32 tensors a step, 30–120 MB each, so every step faulted them in again page by page. Measured with
-``python benchmarks/host_memory.py --steps 20 --rounds 2`` (the default's worker step in a thread of
-a fresh process, 2-core AMD EPYC, 2026-12-03), per step: 85,922 minor faults and 0.28 s of kernel
-time under glibc's defaults; 3,031 faults and 0.11 s with freed blocks kept in malloc's heap for the
-next step, 0.902 s a step against 0.955 s (an earlier run: 0.739 s against 0.812 s). The price is a
-higher peak resident memory over the steps: 1.61 GB against 1.41 GB.
+``python benchmarks/host_memory.py --steps 20 --rounds 2`` (the default's worker step built and run
+in one thread of a fresh process, as in a Ray Train worker; 2-core Intel Xeon, 2026-12-04), per step:
+88,110 minor faults and 0.158 s of kernel time under glibc's defaults; 3,364 faults and 0.011 s with
+freed blocks kept in malloc's heap for the next step, 0.391 s a step against 0.474 s (1.21×). The
+price is a higher peak resident memory over the steps: 1.67 GB against 1.46 GB.
 
 Three glibc settings are needed, and they must be in place when the process starts: Ray Train runs
 the training function in a thread of the worker, and a thread's own malloc arena takes neither

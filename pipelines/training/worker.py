@@ -83,10 +83,13 @@ def _train(state: ws.WorkerState, cfg: ExperimentConfig, loop_cfg: dict[str, Any
     while trainer.step_count < n_steps:
         pos, local_rows = next(batches)
         ws.inject_failure(loop_cfg.get("inject_failure"), trainer.step_count, rank, loop_cfg["marker_dir"])
-        step_metrics = trainer.step(state.batch(local_rows), sync=False)  # no host sync inside the step
-        step, position = trainer.step_count, state.order.advance(pos)
+        step = trainer.step_count + 1
         due_log = step % cfg.train.log_every == 0 or step in (1, n_steps)
         due_ckpt = step % cfg.train.checkpoint_every == 0 or step == n_steps
+        # No host sync inside the step; metrics only for the steps that are read (the argmax of the
+        # decode accuracy is a full pass over the logits).
+        step_metrics = trainer.step(state.batch(local_rows), sync=False, metrics=due_log or due_ckpt)
+        position = state.order.advance(pos)
         if not (due_log or due_ckpt):
             continue
         # The one sync (and all-reduce) of the interval: every rank reaches it at the same steps.

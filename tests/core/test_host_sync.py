@@ -154,3 +154,37 @@ def test_sampling_loop_reads_the_host_at_most_once_per_batch(sampler, gamma, rea
     with SyncCounter() as c:
         sample_latents(net, (2, 12, D), cfg, FlowConfig(), torch.Generator().manual_seed(0))
     assert c.total == reads, c.calls  # SDE: one (steps,) read of which intervals inject noise
+
+
+class ArgmaxCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.argmax = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.argmax += func is aten.argmax.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_without_metrics_train_identically_and_skip_the_argmax():
+    """``step(metrics=False)`` (the worker's unlogged steps) gives the same weights bit for bit,
+    never runs the decode-accuracy argmax, and refuses to be materialised; the next logged step's
+    metrics equal those of a trainer that computed metrics every step."""
+    a, b = _trainer(), _trainer()
+    for s in range(3):
+        a.step(_batch(0, s), sync=False)
+        with ArgmaxCounter() as c:
+            skipped = b.step(_batch(0, s), sync=False, metrics=False)
+        assert c.argmax == 0
+        with pytest.raises(ValueError, match="metrics=False"):
+            skipped.materialize()
+    with ArgmaxCounter() as c:
+        logged_b = b.step(_batch(0, 3), sync=False).materialize()
+    assert c.argmax >= 1
+    logged_a = a.step(_batch(0, 3), sync=False).materialize()
+    for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb), name
+    assert {k: v for k, v in logged_a.items() if k != "step_time_s"} == \
+           {k: v for k, v in logged_b.items() if k != "step_time_s"}
+    with pytest.raises(ValueError, match="sync=True, metrics=False"):
+        b.step(_batch(0, 4), metrics=False)
