@@ -5,11 +5,12 @@
 
 Each child process runs the real ``ELFTrainer.step`` of ``experiments/local_default.yaml`` (32 rows,
 2 threads, latent cache on: the embedded default's one worker) in a thread, as Ray Train runs the
-training function (built in that thread too, as the worker does), and reports per step, after 3 warm-up steps: wall seconds, user and kernel CPU
-seconds, minor page faults; and its peak resident memory over those steps. One child starts with
+training function (built in that thread too, as the worker does), and reports per step, after 3
+warm-up steps: wall seconds, user and kernel CPU seconds, minor page faults; and its peak resident memory over those steps. One child starts with
 ``pipelines.infra.host_memory.KEPT_MEMORY_ENV`` (what the driver gives CPU training workers), the
 other with none of those variables; ``--rounds`` pairs, the first of each pair alternating, after
-the parent has cached the tokens and latents. Prints a markdown table
+the parent has cached the tokens and latents. Every timed step computes its metrics (the worker's
+logged steps; its other steps skip the decode-accuracy argmax). Prints a markdown table
 (medians over rounds) and the CPU model. Needs torch, transformers and the offline MiniLM package.
 """
 
@@ -58,11 +59,18 @@ def child(steps: int, cache_dir: str) -> dict:
     from elf_core.trainer import ELFTrainer
 
     out: dict = {}
+    failed: list[BaseException] = []
 
     def train() -> None:
+        try:
+            _train()
+        except BaseException as e:  # re-raised in the main thread: the child must exit non-zero
+            failed.append(e)
+
+    def _train() -> None:
         # Everything in this one thread, as in a Ray Train worker: had the main thread run a 2-thread
         # OpenMP region first, the process would hold two OpenMP teams (4 threads on 2 CPUs) and
-        # libgomp would throttle its spin-waiting, making every mid-sized elementwise op ~2x slower
+        # libgomp would throttle its spin-waiting, making mid-sized elementwise ops 1.5-2x slower
         # (an earlier version of this script built the trainer in the main thread and measured that).
         cfg, encoder, rows, collate, cache = build(argparse.Namespace(cache_dir=cache_dir))
         torch.set_num_threads(2)
@@ -82,6 +90,8 @@ def child(steps: int, cache_dir: str) -> dict:
     thread = threading.Thread(target=train)
     thread.start()
     thread.join()
+    if failed:
+        raise failed[0]
     return out
 
 

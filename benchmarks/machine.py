@@ -4,10 +4,11 @@ speed of the 2-core AMD EPYC (Zen 1) that issue 13 measured on.
 
 Why SSE4.2 for MKL: Zen 1 has AVX2, but its two FMA pipes are 128 bits wide, so its fp32 matmul
 peak per clock is half an AVX2 Intel core's. MKL's SSE4.2 kernels on an Intel core land close to
-it. Calibrated part by part against issue 13's own Zen 1 profile of the old step (16 rows, 1 thread,
-encoder live; ``python benchmarks/step_profile.py`` under these limits on a 2-core Intel Xeon
-(lscpu model 167, AVX-512), 2026-12-04): encoder 0.679 s (Zen 1: 0.76), loss forward 0.463 s
-(0.50), backward 0.679 s (0.63). Elementwise kernels keep AVX2 (``ATEN_CPU_CAPABILITY=avx2``), which
+it. Checked part by part against issue 13's own Zen 1 profile (16 rows, 1 thread, encoder live;
+``python benchmarks/step_profile.py`` under these limits on a 2-core Intel Xeon, lscpu model 167,
+AVX-512, 2026-12-04): encoder 0.679 s (Zen 1: 0.76) — the same code; loss forward 0.463 s (0.50)
+and backward 0.679 s (0.63) — today's step against the old one. Calibrated on Intel only: on
+other vendors MKL's instruction limits were not checked. Elementwise kernels keep AVX2 (``ATEN_CPU_CAPABILITY=avx2``), which
 Zen 1 has. Clock, caches and memory stay this machine's, so the stand-in is an estimate, not Zen 1.
 """
 

@@ -149,7 +149,7 @@ class StepNoise:
 @dataclass
 class FlowOutput:
     loss: torch.Tensor  # scalar, differentiable
-    metrics: dict[str, torch.Tensor]  # detached scalars: loss, ce, l2, decode_acc, token counts
+    metrics: dict[str, torch.Tensor]  # detached scalars: loss, ce, l2, token counts, decode_acc (if accuracy)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,8 @@ def flow_loss(net, x0: torch.Tensor, input_ids: torch.Tensor, cond: torch.Tensor
     default skips rows whose results are masked out, which leaves the loss unchanged.
     ``dynamic_rows=True`` prepares the passes for a compiled ``net`` (module docstring).
     ``accuracy=False`` leaves ``decode_acc`` out of the metrics: its argmax is a full pass over the
-    (decode tokens × V) logits (~15 ms of a ~0.4 s CPU step), wasted on steps whose metrics nobody reads.
+    (decode tokens × V) logits (15 ms at 410 × 30,522 on 2 CPU threads, against a ~0.38 s step),
+    wasted on steps whose metrics nobody reads.
     """
     te = cfg.t_eps
     dev = x0.device

@@ -48,6 +48,9 @@ WORKER_ENV: dict[str, str] = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # Train V2 patches print() on workers to also forward it as a log record: every line shows twice.
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Ray forwards every carriage-return refresh of a worker's tqdm bar as a log line of its own (the
+    # latent cache's bar printed ~85 lines in 20 s): refresh at most every 5 s (a user's value wins).
+    "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"),
 }
 
 
