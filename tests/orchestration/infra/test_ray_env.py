@@ -36,6 +36,7 @@ def test_worker_runtime_env_merges_with_a_submitted_job(monkeypatch):
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            "TQDM_MININTERVAL": re_.WORKER_ENV["TQDM_MININTERVAL"],  # "5" unless the user set their own
             "MLFLOW_TRACKING_URI": "sqlite:////a.db",
         }
     }
@@ -44,11 +45,13 @@ def test_worker_runtime_env_merges_with_a_submitted_job(monkeypatch):
     submitted = {"working_dir": "/x", "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1"}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": submitted}))
     ours = re_.worker_runtime_env()
-    assert ours == {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    assert ours == {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                 "TQDM_MININTERVAL": re_.WORKER_ENV["TQDM_MININTERVAL"]}}
     assert _merge_runtime_env(submitted, {"env_vars": dict(re_.WORKER_ENV)}) is None
     merged = _merge_runtime_env(submitted, ours)
     assert merged["env_vars"] == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-                                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+                                  "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                  "TQDM_MININTERVAL": re_.WORKER_ENV["TQDM_MININTERVAL"]}
 
 
 def test_workers_that_fit_packs_per_node():
